@@ -1,0 +1,111 @@
+"""Paged attention, plugged into transformers through its attention interface.
+
+Every layer of a transformers model calls ``paged_attention(module, query, key, value, ...)``
+with the packed batch of this step (``[1, H, T, D]``, ragged: no padding between
+sequences). It writes the new K/V into the pool at ``slot_mapping`` and attends each
+sequence's queries over that sequence's blocks. Tokens are packed decode-first: the first
+``num_decode`` tokens are one token each of ``num_decode`` sequences (batched in one SDPA
+call); the rest are prefill chunks, one SDPA call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "e3rl_paged"
+METADATA_KWARG = "e3rl_attn_metadata"
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Query tokens ``[start, end)`` of the packed batch, one sequence, with
+    ``num_cached`` tokens of that sequence already in the pool."""
+
+    start: int
+    end: int
+    num_cached: int
+    block_table: torch.Tensor | None = None  # [num_blocks_of_seq], when num_cached > 0
+    mask: torch.Tensor | None = None  # [t, num_cached + t] bool, when num_cached > 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What attention needs besides q/k/v, built once per step and shared by all layers."""
+
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] long: pool slot of each packed token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size]
+    decode_context_len: int | None = None  # all decode contexts this long: slice, no mask
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    num_calls: int = 0  # layers that ran through paged attention (load-time check)
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, Hkv, D] gathered by ``[N, MB]`` block ids -> [N, Hkv, MB * bs, D]."""
+    n, mb = block_tables.shape
+    blocks = cache[block_tables]  # [N, MB, bs, Hkv, D]
+    return blocks.reshape(n, mb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        raise RuntimeError("paged attention called without e3rl attention metadata; "
+                           "this model instance is owned by the e3rl engine")
+    meta.num_calls += 1
+    k_cache, v_cache = meta.kv_cache.layer(module.layer_idx)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if key.shape[1] != num_kv_heads or key.shape[3] != head_dim:
+        raise RuntimeError(f"layer {module.layer_idx}: key shape {tuple(key.shape)} does not "
+                           f"match the KV pool ({num_kv_heads} heads x {head_dim})")
+    q = query[0]  # [H, T, D]
+    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
+    v_new = value[0].transpose(0, 1)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k_new)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v_new)
+    gqa = q.shape[0] != num_kv_heads
+    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
+
+    nd = meta.num_decode
+    if nd:
+        kd = _gather(k_cache, meta.decode_block_tables)  # [Nd, Hkv, L, D]
+        vd = _gather(v_cache, meta.decode_block_tables)
+        if meta.decode_context_len is not None:
+            kd = kd[:, :, :meta.decode_context_len]
+            vd = vd[:, :, :meta.decode_context_len]
+        qd = q[:, :nd].transpose(0, 1).unsqueeze(2)  # [Nd, H, 1, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask,
+                                            scale=scaling, enable_gqa=gqa)  # [Nd, H, 1, D]
+        out[:nd] = od[:, :, 0]
+    for chunk in meta.prefills:
+        qp = q[:, chunk.start:chunk.end].unsqueeze(0)  # [1, H, t, D]
+        if chunk.num_cached == 0:
+            kp = key[:, :, chunk.start:chunk.end]  # [1, Hkv, t, D]
+            vp = value[:, :, chunk.start:chunk.end]
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling,
+                                                enable_gqa=gqa)
+        else:
+            table = chunk.block_table.unsqueeze(0)
+            ctx = chunk.num_cached + chunk.end - chunk.start
+            kp = _gather(k_cache, table)[:, :, :ctx]  # [1, Hkv, ctx, D]
+            vp = _gather(v_cache, table)[:, :, :ctx]
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scaling,
+                                                enable_gqa=gqa)
+        out[chunk.start:chunk.end] = op[0].transpose(0, 1)
+    return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+def register() -> None:
+    """Register ``paged_attention`` with transformers under ``ATTN_IMPLEMENTATION``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

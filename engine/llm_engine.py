@@ -1,0 +1,300 @@
+"""The synchronous engine: ``add_request``, ``abort``, and ``step()`` = schedule, run, sample,
+update. One step returns the new, safe-to-show part of every request it advanced."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequest, QueueFull
+from .model_runner import ModelRunner
+from .outputs import RequestOutput
+from .request import Request
+from .sampler import SamplingBatch, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running_requests: int
+    num_waiting_requests: int
+    num_running_seqs: int
+    num_waiting_seqs: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    weight_version: str
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_kv_blocks / self.num_kv_blocks
+
+
+class LLMEngine:
+    """Owns the model runner, the scheduler, the tokenizer and the live requests."""
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True,
+                                                       trust_remote_code=False)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.vocab_size
+        kv = self.runner.kv_cache
+        self.block_manager = BlockManager(kv.num_blocks, kv.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Request] = {}
+        self.weight_version = "0"
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        gen = getattr(self.runner.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # -- requests ------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt must not be empty", param="prompt")
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequest("prompt must be a non-empty string or list of token ids",
+                                 param="prompt")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})", param="prompt")
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams) -> None:
+        """Validate and queue a request. Raises ``InvalidRequest`` or ``QueueFull``."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest("params must be a SamplingParams", param="params")
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already running",
+                                 param="request_id")
+        text, ids = self.tokenize(prompt)
+        self._check_lengths(len(ids), params)
+        if len(self.requests) >= self.config.max_waiting + self.config.max_num_seqs \
+                or len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
+        seqs[0].num_children_to_fork = params.n - 1
+        request = Request(request_id, text, ids, params, seqs)
+        request.weight_version = self.weight_version
+        self.requests[request_id] = request
+        self.num_prompt_tokens += len(ids)
+        self.scheduler.add(seqs[0])
+
+    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {num_prompt} tokens; the model's context length "
+                                 f"is {self.max_model_len}", param="prompt")
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({num_prompt} tokens) + max_tokens "
+                                 f"({params.max_tokens}) exceeds the model's context length "
+                                 f"{self.max_model_len}", param="max_tokens")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if num_prompt + params.max_tokens > capacity:
+            raise InvalidRequest(f"prompt + max_tokens ({num_prompt + params.max_tokens}) "
+                                 f"exceeds the KV cache ({capacity} tokens)", param="max_tokens")
+
+    def _new_sequence(self, request_id: str, index: int, ids: list[int],
+                      params: SamplingParams) -> Sequence:
+        generator = None
+        if not params.is_greedy:
+            generator = torch.Generator(device=self.runner.device)
+            if params.seed is not None:
+                generator.manual_seed((params.seed * 1_000_003 + index) % (2**63))
+            else:
+                generator.manual_seed(self._rng.getrandbits(63))
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        seq = Sequence(self._next_seq_id, request_id, index, ids, params, generator, detok)
+        self._next_seq_id += 1
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks return to the pool. Returns its last delta."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish("abort")
+        return request.make_delta(self.weight_version)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        run = self.runner.execute(sched)
+        to_sample: list[tuple[Sequence, int]] = []
+        touched: dict[str, Request] = {}
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_model_tokens += item.num_new_tokens
+            if run.sample_rows[i] >= 0:
+                to_sample.append((seq, run.sample_rows[i]))
+                request = self.requests[seq.request_id]
+                touched[seq.request_id] = request
+                if seq.num_children_to_fork:
+                    for child in request.seqs[1:]:
+                        self.scheduler.fork(seq, child)
+                        to_sample.append((child, run.sample_rows[i]))
+                    seq.num_children_to_fork = 0
+        for i, first_row, num_rows, start in run.prompt_rows:
+            self._record_prompt_logprobs(sched.scheduled[i].seq, start,
+                                         run.logits[first_row:first_row + num_rows])
+        if to_sample:
+            self._sample_and_append(to_sample, run.logits)
+        outputs = []
+        for request in touched.values():
+            delta = request.make_delta(self.weight_version)
+            if request.is_finished:
+                del self.requests[request.request_id]
+            if delta is not None:
+                outputs.append(delta)
+        return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Row r holds the logits at prompt position start + r (predicting token + 1)."""
+        done = len(seq.prompt_token_logprobs) - 1  # positions already recorded
+        if start + logits.shape[0] <= done:
+            return  # recomputed after a preemption
+        logits = logits[done - start:]
+        start = done
+        logprobs = logits.log_softmax(-1)  # [rows, V]
+        targets = torch.tensor(seq.token_ids[start + 1:start + 1 + logits.shape[0]])
+        chosen = logprobs.gather(1, targets.unsqueeze(1).to(logprobs.device)).squeeze(1)
+        k = seq.params.prompt_logprobs
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for r in range(logits.shape[0]):
+            seq.prompt_token_logprobs.append(float(chosen[r]))
+            entry = {int(targets[r]): float(chosen[r])}
+            if k:
+                entry.update(zip(top_ids[r].tolist(), top_lp[r].tolist()))
+            seq.prompt_top_logprobs.append(entry)
+
+    def _sample_and_append(self, to_sample: list[tuple[Sequence, int]],
+                           logits: torch.Tensor) -> None:
+        seqs = [s for s, _ in to_sample]
+        rows = torch.tensor([r for _, r in to_sample], device=logits.device)
+        batch = self._sampling_batch(seqs, logits.device)
+        out = sample(logits.index_select(0, rows), batch)
+        token_ids = out.token_ids.tolist()
+        logprobs, nll, entropy = out.logprobs.tolist(), out.nll.tolist(), out.entropy.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        now = time.monotonic()
+        for j, seq in enumerate(seqs):
+            if seq.params.max_tokens == 0:  # prompt scoring only
+                self.scheduler.finish(seq)
+                seq.finish("length")
+                continue
+            top = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = {token_ids[j]: logprobs[j]}
+                top.update(zip(top_ids[j][:k], top_lp[j][:k]))
+            new_text = seq.append_token(token_ids[j], logprobs[j], nll[j], entropy[j], top)
+            self.num_generation_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token_ids[j], new_text)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            else:
+                seq.num_stable_tokens = seq.num_output_tokens
+
+    def _sampling_batch(self, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+        banned = []
+        for s in seqs:
+            if s.num_output_tokens < s.params.min_tokens:
+                ban = set(s.params.stop_token_ids)
+                if not s.params.ignore_eos:
+                    ban |= self.eos_token_ids
+                banned.append(sorted(ban))
+            else:
+                banned.append([])
+        return SamplingBatch(
+            temperatures=torch.tensor([p.temperature for p in ps], device=device),
+            top_k=torch.tensor([p.top_k for p in ps], device=device),
+            top_p=torch.tensor([p.top_p for p in ps], device=device),
+            min_p=torch.tensor([p.min_p for p in ps], device=device),
+            generators=[s.generator for s in seqs], banned=banned,
+            max_num_logprobs=max((p.logprobs or 0) for p in ps),
+            any_top_k=any(p.top_k > 0 for p in ps), any_top_p=any(p.top_p < 1 for p in ps),
+            any_min_p=any(p.min_p > 0 for p in ps))
+
+    def _check_stop(self, seq: Sequence, token_id: int, new_text: str) -> None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                return seq.finish("stop", token_id)
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return seq.finish("stop", None)
+            if params.stop and new_text:
+                text = seq.detokenizer.text
+                longest = max(len(s) for s in params.stop)
+                window_start = max(0, len(text) - len(new_text) - longest + 1)
+                hits = [(text.find(s, window_start), s) for s in params.stop]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    index, stop = min(hits)
+                    seq.stop_text_end = index + len(stop) if params.include_stop_str_in_output \
+                        else index
+                    return seq.finish("stop", stop)
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    # -- introspection -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        running = {s.request_id for s in self.scheduler.running}
+        return EngineStats(
+            num_running_requests=len(running),
+            num_waiting_requests=len(self.requests) - len(running),
+            num_running_seqs=len(self.scheduler.running),
+            num_waiting_seqs=len(self.scheduler.waiting),
+            num_kv_blocks=self.block_manager.num_blocks,
+            num_free_kv_blocks=self.block_manager.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            weight_version=self.weight_version)

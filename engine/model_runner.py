@@ -1,0 +1,214 @@
+"""Loads a Hugging Face causal LM from a local directory and runs the packed forward pass."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import attention
+from .attention import AttentionMetadata, PrefillChunk
+from .config import EngineConfig
+from .errors import ModelNotSupported
+from .kv_cache import KVCache
+from .scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Logits of the rows the engine asked for, float32 ``[R, V]``, and where each
+    scheduled sequence's rows are: ``sample_rows[i]`` is the row to sample for
+    ``scheduled[i]`` (or -1), ``prompt_rows[i]`` the first of its prompt-logprob rows."""
+
+    logits: torch.Tensor
+    sample_rows: list[int]
+    prompt_rows: list[tuple[int, int, int, int]]  # (scheduled index, first row, rows, position)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return device
+
+
+def _check_supported(hf_config) -> None:
+    """Refuse, with a clear message, what paged full attention cannot serve correctly."""
+    name = type(hf_config).__name__
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelNotSupported(f"{name}: encoder-decoder models are not supported")
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise ModelNotSupported(f"{name}: layer types {other} are not supported "
+                                "(only full attention; sliding-window, linear or hybrid layers "
+                                "would be served wrongly)")
+    for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf_config, attr, None):
+            raise ModelNotSupported(f"{name}: {attr} is not supported by paged attention")
+
+
+class ModelRunner:
+    """The model, its KV pool, and one ``execute`` per engine step."""
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(config.model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model directory at {path} (config.json missing); "
+                                    "models load from local directories only")
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                               trust_remote_code=False)
+        hf_config = getattr(hf_config, "text_config", None) or hf_config
+        _check_supported(hf_config)
+        self.dtype = self._pick_dtype(config.dtype, hf_config)
+        max_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window:  # full attention equals sliding-window attention within the window
+            if max_len > window:
+                logger.info("%s: sliding window %d: context capped at %d tokens",
+                            config.model, window, window)
+            max_len = min(max_len, window)
+        if config.max_model_len is not None:
+            if config.max_model_len > max_len:
+                raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                                 f"context length {max_len}")
+            max_len = config.max_model_len
+        self.max_model_len = max_len
+        attention.register()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, dtype=self.dtype,
+            attn_implementation=attention.ATTN_IMPLEMENTATION, use_safetensors=True,
+        ).to(self.device).eval()
+        self.hf_config = self.model.config
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        num_layers = hf_config.num_hidden_layers
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        block_size = config.block_size
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            per_block = KVCache.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim,
+                                                self.dtype)
+            num_blocks = int(config.kv_cache_memory_gb * (1 << 30)) // per_block
+        if num_blocks < 1:
+            raise ValueError("the KV memory budget is smaller than one block")
+        self.kv_cache = KVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                                self.dtype, self.device)
+        logger.info("loaded %s (%s, %s on %s): %d KV blocks of %d tokens (%.1f MiB)",
+                    path, type(self.model).__name__, self.dtype, self.device, num_blocks,
+                    block_size, self.kv_cache.nbytes / 2**20)
+        self._check_attention_routing(num_layers)
+
+    @staticmethod
+    def _pick_dtype(name: str, hf_config) -> torch.dtype:
+        if name != "auto":
+            return _DTYPES[name]
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = _DTYPES.get(dtype, torch.float32)
+        return dtype if dtype in _DTYPES.values() else torch.float32
+
+    def _check_attention_routing(self, num_layers: int) -> None:
+        """Every layer must attend through the paged function, else the model's attention
+        bypasses the engine's cache and would be served wrongly."""
+        meta = AttentionMetadata(kv_cache=self.kv_cache,
+                                 slot_mapping=torch.tensor([0, 1], device=self.device),
+                                 prefills=[PrefillChunk(0, 2, 0)])
+        with torch.inference_mode():
+            self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device),
+                       position_ids=torch.arange(2, device=self.device).unsqueeze(0),
+                       use_cache=False, logits_to_keep=1,
+                       **{attention.METADATA_KWARG: meta})
+        if meta.num_calls != num_layers:
+            raise ModelNotSupported(
+                f"{type(self.model).__name__}: {meta.num_calls} of {num_layers} layers use "
+                "transformers' attention interface; the engine cannot serve this model")
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.kv_cache.copy_blocks(sched.block_copies)
+        bs = self.kv_cache.block_size
+        order = sorted(range(len(sched.scheduled)),
+                       key=lambda i: sched.scheduled[i].num_new_tokens != 1)  # decode first
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []  # packed positions whose logits we need
+        sample_rows = [-1] * len(sched.scheduled)
+        prompt_rows: list[tuple[int, int, int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for i in order:
+            item = sched.scheduled[i]
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            offset = len(input_ids)
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(self._prefill_chunk(offset, n, start, table))
+            # Prompt log-probs: logits at prompt positions p predict token p + 1.
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                prompt_rows.append((i, len(keep), last - start, start))
+                keep += range(offset, offset + last - start)
+            if item.samples:
+                sample_rows[i] = len(keep)
+                keep.append(offset + n - 1)
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode=len(decode_tables), prefills=prefills)
+        if decode_tables:
+            (meta.decode_block_tables, meta.decode_mask,
+             meta.decode_context_len) = self._decode_tensors(decode_tables, decode_lens)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device).unsqueeze(0)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(0)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False,
+                         logits_to_keep=keep_t, **{attention.METADATA_KWARG: meta})
+        return ModelRunnerOutput(out.logits[0].float(), sample_rows, prompt_rows)
+
+    def _decode_tensors(self, tables: list[list[int]], lens: list[int]):
+        bs = self.kv_cache.block_size
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        if all(n == lens[0] for n in lens):
+            return block_tables, None, lens[0]  # equal contexts: slice, no mask
+        lens_t = torch.tensor(lens, device=self.device)
+        mask = torch.arange(max_blocks * bs, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+        return block_tables, mask[:, None, None, :], None  # [Nd, 1, 1, L]
+
+    def _prefill_chunk(self, offset: int, n: int, start: int, table: list[int]) -> PrefillChunk:
+        chunk = PrefillChunk(offset, offset + n, start)
+        if start > 0:
+            bs = self.kv_cache.block_size
+            num_blocks = -(-(start + n) // bs)
+            chunk.block_table = torch.tensor(table[:num_blocks], dtype=torch.long,
+                                             device=self.device)
+            q_pos = torch.arange(start, start + n, device=self.device).unsqueeze(1)
+            k_pos = torch.arange(start + n, device=self.device).unsqueeze(0)
+            chunk.mask = k_pos <= q_pos  # [n, start + n]
+        return chunk
