@@ -146,8 +146,8 @@ class LLMEngine:
         if request is None:
             return None
         for seq in request.seqs:
+            self.scheduler.finish(seq)
             if not seq.is_finished:
-                self.scheduler.finish(seq)
                 seq.finish("abort")
         return request.make_delta(self.weight_version)
 

@@ -124,3 +124,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def truncate(self, seq: Sequence, num_output_tokens: int) -> None:
+        """Erase ``seq``'s output past ``num_output_tokens`` tokens: the kept prefix's blocks
+        stay as they are, the blocks past the cut return to the pool. Only the last kept
+        token is fed again (its logits are needed); nothing before it is recomputed."""
+        seq.truncate_output(num_output_tokens)
+        self.block_manager.truncate(seq.block_table, seq.num_computed_tokens)
