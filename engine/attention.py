@@ -3,9 +3,9 @@
 Every layer of a transformers model calls ``paged_attention(module, query, key, value, ...)``
 with the packed batch of this step (``[1, H, T, D]``, ragged: no padding between
 sequences). It writes the new K/V into the pool at ``slot_mapping`` and attends each
-sequence's queries over that sequence's blocks. Tokens are packed decode-first: the first
-``num_decode`` tokens are one token each of ``num_decode`` sequences (batched in one SDPA
-call); the rest are prefill chunks, one SDPA call each.
+sequence's queries over that sequence's blocks. Tokens are packed decode-first, by context length: decode
+tokens (one per sequence) are attended in a few groups of similar length, one SDPA call per
+group; the rest are prefill chunks, one SDPA call each.
 """
 
 from __future__ import annotations
@@ -34,15 +34,24 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode tokens ``[start, end)`` of the packed batch, one per sequence, sequences of
+    similar context length (grouped so that gathering their blocks wastes little padding)."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [n, max_blocks] long
+    mask: torch.Tensor | None = None  # [n, 1, 1, max_blocks * block_size] bool
+    context_len: int | None = None  # all contexts this long: slice instead of a mask
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """What attention needs besides q/k/v, built once per step and shared by all layers."""
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] long: pool slot of each packed token
-    num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] long
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size]
-    decode_context_len: int | None = None  # all decode contexts this long: slice, no mask
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_calls: int = 0  # layers that ran through paged attention (load-time check)
 
@@ -50,8 +59,8 @@ class AttentionMetadata:
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, bs, Hkv, D] gathered by ``[N, MB]`` block ids -> [N, Hkv, MB * bs, D]."""
     n, mb = block_tables.shape
-    blocks = cache[block_tables]  # [N, MB, bs, Hkv, D]
-    return blocks.reshape(n, mb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+    blocks = cache.index_select(0, block_tables.view(-1))  # [N * MB, bs, Hkv, D]
+    return blocks.view(n, mb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -75,17 +84,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     gqa = q.shape[0] != num_kv_heads
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
 
-    nd = meta.num_decode
-    if nd:
-        kd = _gather(k_cache, meta.decode_block_tables)  # [Nd, Hkv, L, D]
-        vd = _gather(v_cache, meta.decode_block_tables)
-        if meta.decode_context_len is not None:
-            kd = kd[:, :, :meta.decode_context_len]
-            vd = vd[:, :, :meta.decode_context_len]
-        qd = q[:, :nd].transpose(0, 1).unsqueeze(2)  # [Nd, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask,
-                                            scale=scaling, enable_gqa=gqa)  # [Nd, H, 1, D]
-        out[:nd] = od[:, :, 0]
+    for group in meta.decodes:
+        kd = _gather(k_cache, group.block_tables)  # [n, Hkv, L, D]
+        vd = _gather(v_cache, group.block_tables)
+        if group.context_len is not None:
+            kd = kd[:, :, :group.context_len]
+            vd = vd[:, :, :group.context_len]
+        qd = q[:, group.start:group.end].transpose(0, 1).unsqueeze(2)  # [n, H, 1, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling,
+                                            enable_gqa=gqa)  # [n, H, 1, D]
+        out[group.start:group.end] = od[:, :, 0]
     for chunk in meta.prefills:
         qp = q[:, chunk.start:chunk.end].unsqueeze(0)  # [1, H, t, D]
         if chunk.num_cached == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import attention
-from .attention import AttentionMetadata, PrefillChunk
+from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
 from .errors import ModelNotSupported
 from .kv_cache import KVCache
@@ -143,8 +143,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.kv_cache.copy_blocks(sched.block_copies)
         bs = self.kv_cache.block_size
-        order = sorted(range(len(sched.scheduled)),
-                       key=lambda i: sched.scheduled[i].num_new_tokens != 1)  # decode first
+        # Decode tokens first, shortest context first (for grouping), then prefill chunks.
+        order = sorted(range(len(sched.scheduled)), key=lambda i: (
+            sched.scheduled[i].num_new_tokens != 1, sched.scheduled[i].seq.num_computed_tokens))
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -179,10 +180,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decode=len(decode_tables), prefills=prefills)
-        if decode_tables:
-            (meta.decode_block_tables, meta.decode_mask,
-             meta.decode_context_len) = self._decode_tensors(decode_tables, decode_lens)
+            decodes=self._decode_groups(decode_tables, decode_lens), prefills=prefills)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device).unsqueeze(0)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(0)
         keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
@@ -190,16 +188,29 @@ class ModelRunner:
                          logits_to_keep=keep_t, **{attention.METADATA_KWARG: meta})
         return ModelRunnerOutput(out.logits[0].float(), sample_rows, prompt_rows)
 
-    def _decode_tensors(self, tables: list[list[int]], lens: list[int]):
+    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
+        """Split decode sequences (sorted by length) into groups whose padded gather stays
+        within ~1.5x of their real context, so short sequences do not pay for long ones."""
+        groups, start = [], 0
+        for i in range(1, len(lens) + 1):
+            if i == len(lens) or (lens[i] > 1.5 * lens[start] and i - start >= 4):
+                groups.append(self._decode_group(start, tables[start:i], lens[start:i]))
+                start = i
+        return groups
+
+    def _decode_group(self, start: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
         bs = self.kv_cache.block_size
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        group = DecodeGroup(start, start + len(tables),
+                            torch.tensor(padded, dtype=torch.long, device=self.device))
         if all(n == lens[0] for n in lens):
-            return block_tables, None, lens[0]  # equal contexts: slice, no mask
-        lens_t = torch.tensor(lens, device=self.device)
-        mask = torch.arange(max_blocks * bs, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
-        return block_tables, mask[:, None, None, :], None  # [Nd, 1, 1, L]
+            group.context_len = lens[0]  # equal contexts: slice, no mask
+        else:
+            lens_t = torch.tensor(lens, device=self.device)
+            mask = torch.arange(max_blocks * bs, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+            group.mask = mask[:, None, None, :]  # [n, 1, 1, L]
+        return group
 
     def _prefill_chunk(self, offset: int, n: int, start: int, table: list[int]) -> PrefillChunk:
         chunk = PrefillChunk(offset, offset + n, start)

@@ -69,12 +69,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             logits[row, banned] = float("-inf")
     raw_logprobs = logits.log_softmax(-1)  # [N, V]
     greedy = batch.temperatures == 0  # [N]
-    temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
-    scaled = logits / temps.unsqueeze(1)
-    if batch.any_top_k or batch.any_top_p or batch.any_min_p:
-        cut = apply_top_k_top_p_min_p(scaled, batch)
-        scaled = torch.where(greedy.unsqueeze(1), scaled, cut)
-    logp = scaled.log_softmax(-1)  # [N, V] sampling distribution
+    if all(g is None for g in batch.generators):  # all greedy: the raw distribution
+        logp = raw_logprobs
+    else:
+        temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
+        scaled = logits / temps.unsqueeze(1)
+        if batch.any_top_k or batch.any_top_p or batch.any_min_p:
+            cut = apply_top_k_top_p_min_p(scaled, batch)
+            scaled = torch.where(greedy.unsqueeze(1), scaled, cut)
+        logp = scaled.log_softmax(-1)  # [N, V] sampling distribution
     probs = logp.exp()
     token_ids = logits.argmax(-1)  # greedy rows
     for row, gen in enumerate(batch.generators):
