@@ -1,0 +1,121 @@
+"""The FastAPI application: ``create_app(settings)``, its lifespan (which loads the model and
+starts the engine loop), the body-size guard and the error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from e3rl.engine.async_engine import AsyncEngine
+
+from .deps import get_engine, get_metrics, get_settings
+from .errors import install_error_handlers
+from .logprobs import TokenText
+from .metrics import Metrics
+from .protocol import error_body
+from .routes import chat, completions, health, models, tokenize
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_app", "get_engine", "get_settings", "get_metrics"]
+
+
+class BodySizeLimit:
+    """Answer 413 to a body over ``max_bytes``: at once when Content-Length says so,
+    otherwise (chunked uploads) as soon as the running total passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject=None):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # No length given: buffer the body (up to the limit) and replay it.
+        messages: list[Message] = []
+        total = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:
+                return await self._reject(send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        if self.on_reject is not None:
+            self.on_reject()
+        body = json.dumps(error_body(f"request body too large (limit {self.max_bytes} bytes)",
+                                     "invalid_request_error", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> FastAPI:
+    """The server. Without ``engine`` the lifespan loads ``settings``' model and owns the
+    engine; with one (tests, embedding) the caller starts and stops it."""
+    settings = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = None
+        if app.state.engine is None:
+            settings.check_model()
+            config = settings.engine_config()
+            logger.info("loading %s (served as %r)", config.model, settings.model_name)
+            owned = await asyncio.to_thread(AsyncEngine, config)
+            owned.start()
+            _attach(app, owned)
+            logger.info("engine ready: context %d tokens, %d KV blocks", owned.max_model_len,
+                        owned.latest_stats.num_kv_blocks)
+        try:
+            yield
+        finally:
+            if owned is not None:
+                logger.info("stopping the engine")
+                await asyncio.to_thread(owned.shutdown)
+
+    app = FastAPI(title="e3rl", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server of the e3rl engine.")
+    app.state.settings = settings
+    app.state.started_at = int(time.time())
+    app.state.engine = None
+    app.state.metrics = Metrics(settings.model_name, lambda: app.state.engine)
+    if engine is not None:
+        _attach(app, engine)
+    install_error_handlers(app)
+    for module in (completions, chat, models, tokenize, health):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
+                       on_reject=lambda: app.state.metrics.record_error(413))
+    return app
+
+
+def _attach(app: FastAPI, engine: AsyncEngine) -> None:
+    app.state.engine = engine
+    app.state.token_text = TokenText(engine.tokenizer)

@@ -1,0 +1,101 @@
+"""The ``e3rl`` command: ``e3rl serve`` here; ``data``, ``train`` and ``eval`` come from
+``e3rl.trainer.cli`` when it is installed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from .settings import DEFAULT_MODEL_NAME, Settings
+
+# Command-line flags of `e3rl serve` -> (Settings field, type, help). Every setting can also
+# come from its environment variable, E3RL_<FIELD> (E3RL_API_KEY, E3RL_PORT, ...).
+SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, f"model directory (default: bundled models/{DEFAULT_MODEL_NAME})"),
+    ("--served-model-name", "served_model_name", str, "name clients use in 'model'"),
+    ("--host", "host", str, "bind address (default 127.0.0.1)"),
+    ("--port", "port", int, "bind port (default 8000)"),
+    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--kv-cache-memory-gb", "kv_cache_memory_gb", float, "KV cache budget in GiB"),
+    ("--num-kv-blocks", "num_kv_blocks", int, "KV blocks (overrides the memory budget)"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--max-num-seqs", "max_num_seqs", int, "sequences running at once"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
+    ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
+    ("--max-waiting", "max_waiting", int, "waiting-queue size; past it: 503"),
+    ("--num-threads", "num_threads", int, "torch CPU threads (default: cores - 1)"),
+    ("--seed", "seed", int, "seed of unseeded requests' random streams"),
+    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env E3RL_API_KEY)"),
+    ("--max-request-bytes", "max_request_bytes", int, "largest request body (413 above)"),
+    ("--log-level", "log_level", str, "debug | info | warning | error"),
+]
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model over an OpenAI-compatible HTTP API. "
+                              "Every option also reads E3RL_<NAME> from the environment.")
+    for flag, dest, type_, help_ in SERVE_FLAGS:
+        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
+    p.add_argument("--metrics-require-auth", dest="metrics_require_auth", action="store_true",
+                   default=None, help="protect /metrics with the API key")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None,
+                   help="no per-request log lines")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS}
+    given["metrics_require_auth"] = args.metrics_require_auth
+    given["access_log"] = args.access_log
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        settings.check_model()
+    except (ValidationError, FileNotFoundError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            message = f"--{field.replace('_', '-')}: {first['msg']}"
+        else:
+            message = str(exc)
+        sys.exit(f"e3rl serve: {message}")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=settings.access_log,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e3rl", description="e3rl: a self-healing LLM "
+                                     "serving engine and the E3RL trainer.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(subparsers)
+    try:  # the trainer's subcommands (data, train, eval), when that module exists
+        trainer_cli = importlib.import_module("e3rl.trainer.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("e3rl.trainer.cli", "e3rl.trainer"):
+            raise
+    else:
+        trainer_cli.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

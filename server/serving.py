@@ -1,0 +1,234 @@
+"""What completions and chat share: running the engine requests behind one HTTP request,
+streaming their deltas, recording their metrics, and aborting them when the client leaves.
+
+An HTTP request with ``k`` prompts becomes ``k`` engine requests. One pump task per engine
+request moves its deltas into a queue; closing the ``Generation`` cancels the pumps, which
+closes the engine streams, which aborts the engine requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from e3rl.engine import SamplingParams
+from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.outputs import RequestOutput, merge_delta
+
+from .errors import APIError, to_api_error
+from .metrics import Metrics
+from .protocol import error_body
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One prompt of an HTTP request, ready for the engine."""
+
+    request_id: str
+    prompt: str | list[int]
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+class Generation:
+    """The engine requests of one HTTP request, their deltas, and their metrics."""
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, requests: list[EngineRequest]):
+        self.engine = engine
+        self.metrics = metrics
+        self.requests = requests
+        self.arrival_s = time.monotonic()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._buffer: list[tuple[int, RequestOutput]] = []
+        self._tasks: list[asyncio.Task] = []
+        self._num_open = len(requests)
+        self._finished = [False] * len(requests)
+        self._num_finished_samples = [0] * len(requests)
+        self._got_token = [False] * len(requests)
+        self._last_token_s: dict[tuple[int, int], float] = {}
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self.requests)]
+
+    async def _pump(self, i: int, r: EngineRequest) -> None:
+        try:
+            async for delta in self.engine.generate(r.request_id, r.prompt, r.params):
+                self._observe(i, delta)
+                self._queue.put_nowait((i, delta))
+        except Exception as exc:  # delivered to the consumer, which raises it
+            self._finished[i] = True  # refused or failed: nothing left to abort
+            self._queue.put_nowait((i, exc))
+            return
+        self._queue.put_nowait((i, None))
+
+    def _observe(self, i: int, delta: RequestOutput) -> None:
+        now = time.monotonic()
+        for out in delta.outputs:
+            if out.token_ids:
+                if not self._got_token[i]:
+                    self._got_token[i] = True
+                    self.metrics.record_latency(now - self.arrival_s, None, None)
+                key = (i, out.index)
+                if key in self._last_token_s:
+                    self.metrics.record_itl(now - self._last_token_s[key], len(out.token_ids))
+                self._last_token_s[key] = now
+            if out.finish_reason is not None:
+                self._num_finished_samples[i] += 1
+                self.metrics.record_finished(out)
+        if delta.finished:
+            self._finished[i] = True
+            self.metrics.record_latency(None, now - self.arrival_s,
+                                        delta.metrics.get("queue_time_s"))
+
+    async def _next(self) -> tuple[int, RequestOutput] | None:
+        """The next delta of any prompt; None when all are done; raises an engine error."""
+        while self._num_open:
+            i, item = await self._queue.get()
+            if item is None:
+                self._num_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return i, item
+        return None
+
+    async def prime(self) -> None:
+        """Wait until every prompt has produced its first delta (or error), so that a
+        streaming response can still answer a refused request with a proper status."""
+        started = set()
+        while len(started) < len(self.requests):
+            i, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            started.add(i)
+            if item is None:
+                self._num_open -= 1
+            else:
+                self._buffer.append((i, item))
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self._buffer:
+            yield self._buffer.pop(0)
+        while (item := await self._next()) is not None:
+            yield item
+
+    async def collect(self) -> list[RequestOutput]:
+        """Everything, merged: one full ``RequestOutput`` per prompt."""
+        acc: list[RequestOutput | None] = [None] * len(self.requests)
+        async for i, delta in self.deltas():
+            acc[i] = merge_delta(acc[i], delta)
+        return acc  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Abort what is still running (the engine frees its blocks); idempotent."""
+        for i, task in enumerate(self._tasks):
+            if not task.done():
+                task.cancel()
+            if not self._finished[i]:
+                self._finished[i] = True
+                n = self.requests[i].params.n
+                self.metrics.record_aborted(n - self._num_finished_samples[i])
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then raise ClientDisconnected)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientDisconnected()
+
+
+class SSEResponse(StreamingResponse):
+    """Server-Sent Events that always watch for the client leaving: its body iterator is
+    cancelled on disconnect (whatever the server's ASGI version), which aborts the request."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]):
+        super().__init__(content, headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            async def run(fn: Any) -> None:
+                await fn()
+                group.cancel_scope.cancel()
+
+            group.start_soon(run, partial(self.stream_response, send))
+            await run(partial(wait_for_disconnect, receive))
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def check_model(name: str | None, served_name: str) -> None:
+    """404 unless ``name`` is the served model (a request may leave it out)."""
+    if name is not None and name != served_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                       f"{served_name!r}", "not_found_error", param="model",
+                       code="model_not_found")
+
+
+def room_after(engine: AsyncEngine, num_prompt_tokens: int) -> int:
+    """The most tokens that may follow a prompt (context length and KV pool), at least 1 so
+    that an over-long prompt is refused for its length, not for max_tokens."""
+    limit = engine.max_model_len
+    blocks = getattr(getattr(engine, "engine", None), "block_manager", None)
+    if blocks is not None:
+        limit = min(limit, blocks.num_blocks * blocks.block_size)
+    return max(1, limit - num_prompt_tokens)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def fingerprint(weight_version: str) -> str:
+    return f"e3rl-w{weight_version}"
+
+
+def error_event(exc: BaseException, metrics: Metrics) -> str:
+    """An error after the stream started: one ``data: {"error": ...}`` event."""
+    error = to_api_error(exc)
+    if error.status == 500:
+        logger.error("error while streaming", exc_info=exc)
+    metrics.record_error(error.status)
+    return sse(json.dumps(error_body(error.message, error.type, error.param, error.code)))

@@ -1,0 +1,104 @@
+"""Server settings: the only place that reads environment variables (prefix ``E3RL_``).
+
+Every field can come from the command line (``e3rl serve --max-num-seqs 32``), from the
+environment (``E3RL_MAX_NUM_SEQS=32``); the command line wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from e3rl.engine import EngineConfig
+
+# The bundled model, trained by ``e3rl train`` into the repository's models/ folder.
+DEFAULT_MODEL_NAME = "arith-chain"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME
+
+
+def default_num_threads() -> int:
+    """Torch threads for the engine: every core this process may use but one, which the HTTP
+    front end keeps (with all cores busy in torch, the event loop and the spinning OpenMP
+    workers fight and latency explodes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+class Settings(BaseSettings):
+    """How ``e3rl serve`` runs: the model, the engine's limits, the HTTP front end, auth."""
+
+    model_config = SettingsConfigDict(env_prefix="E3RL_", extra="ignore",
+                                      protected_namespaces=())
+
+    # -- model and engine ---------------------------------------------------------------
+    model: str | None = Field(None, description="local model directory; default: the "
+                              f"bundled model at models/{DEFAULT_MODEL_NAME}")
+    served_model_name: str | None = Field(None, description="the name clients put in "
+                                          "'model'; default: the model directory's name")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV cache budget in GiB")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks (overrides the "
+                                      "memory budget)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step")
+    max_model_len: int | None = Field(None, ge=2, description="context length; default: "
+                                      "the model's")
+    max_waiting: int = Field(1024, ge=1, description="waiting-queue size (requests); past "
+                             "it the server answers 503")
+    num_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: "
+                                    "all cores but one")
+    seed: int = Field(0, description="seed of the random streams of unseeded requests")
+
+    # -- HTTP ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    api_key: SecretStr | None = Field(None, description="if set, every API route needs "
+                                      "'Authorization: Bearer KEY'")
+    metrics_require_auth: bool = Field(False, description="protect /metrics with the API key")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request "
+                                   "body accepted (413 above)")
+    max_n: int = Field(64, ge=1, description="largest n / best_of of one request")
+    log_level: str = Field("info", description="debug | info | warning | error")
+    access_log: bool = Field(True, description="log one line per HTTP request (no bodies)")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model) if self.model else DEFAULT_MODEL_PATH
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path.resolve().name
+
+    def check_model(self) -> None:
+        """Raise ``FileNotFoundError`` with a one-line message if the model is missing."""
+        path = self.model_path
+        if (path / "config.json").is_file():
+            return
+        if self.model is None:
+            raise FileNotFoundError(
+                f"the bundled model is missing ({path}); train it with `e3rl train` or pass "
+                "--model PATH (or set E3RL_MODEL)")
+        raise FileNotFoundError(f"no model directory at {path} (config.json missing)")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=str(self.model_path), dtype=self.dtype, device=self.device,
+            block_size=self.block_size, kv_cache_memory_gb=self.kv_cache_memory_gb,
+            num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_waiting=self.max_waiting,
+            num_threads=self.num_threads or default_num_threads(), seed=self.seed,
+            served_model_name=self.model_name)

@@ -1,0 +1,97 @@
+"""Fixtures for the server tests: a shared engine on the tiny Qwen3 model, an in-process
+client against the ASGI app, and live uvicorn servers on random loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from e3rl.engine import EngineConfig
+from e3rl.engine.async_engine import AsyncEngine
+from e3rl.server.app import create_app
+from e3rl.server.settings import Settings
+
+# A pool big enough for every test (256 blocks x 16 tokens), no preemption.
+ENGINE_OPTIONS = dict(dtype="float32", block_size=16, num_kv_blocks=256, max_num_seqs=64,
+                      num_threads=1)
+
+
+def make_settings(model_dir, **overrides) -> Settings:
+    options = {**ENGINE_OPTIONS, "model": str(model_dir), "served_model_name": "tiny",
+               **overrides}
+    return Settings(**options)
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    engine = AsyncEngine(settings.engine_config())
+    engine.start()
+    return engine
+
+
+class LiveServer:
+    """A real uvicorn server in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app, ready_timeout_s: float = 120.0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"uvicorn-{self.port}", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + ready_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the live server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def settings(tiny_model) -> Settings:
+    return make_settings(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def engine(settings):
+    """One engine for every in-process test of the session."""
+    eng = make_engine(settings)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(settings, engine):
+    """httpx (Starlette's TestClient) against the ASGI app, sharing the session engine."""
+    with TestClient(create_app(settings, engine=engine)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def live(settings):
+    """A live uvicorn server whose lifespan loads the model and owns its engine."""
+    server = LiveServer(create_app(settings))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_model):
+    """The offline engine on the same model: the in-process reference."""
+    from e3rl.engine import LLM
+
+    return LLM(str(tiny_model), **{k: v for k, v in ENGINE_OPTIONS.items()
+                                   if k != "num_threads"})
