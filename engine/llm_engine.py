@@ -14,6 +14,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequest, QueueFull
+from .healer import HealDecision, Healer, ThresholdEstimator
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .request import Request
@@ -37,6 +38,10 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     weight_version: str
+    num_segments: int = 0
+    num_erasures: int = 0
+    num_erased_tokens: int = 0
+    num_recomputed_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -66,6 +71,12 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.estimator = ThresholdEstimator(config.model)
+        self._boundary_ids: dict[tuple[str, ...], frozenset[int]] = {}
+        self.num_segments = 0
+        self.num_erasures = 0
+        self.num_erased_tokens = 0
+        self.num_recomputed_tokens = 0
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -129,7 +140,8 @@ class LLMEngine:
     def _new_sequence(self, request_id: str, index: int, ids: list[int],
                       params: SamplingParams) -> Sequence:
         generator = None
-        if not params.is_greedy:
+        retry_temperature = params.healing.retry_temperature if params.heals else None
+        if not params.is_greedy or retry_temperature is not None:
             generator = torch.Generator(device=self.runner.device)
             if params.seed is not None:
                 generator.manual_seed((params.seed * 1_000_003 + index) % (2**63))
@@ -138,6 +150,13 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         seq = Sequence(self._next_seq_id, request_id, index, ids, params, generator, detok)
         self._next_seq_id += 1
+        if params.heals:
+            seq.healer = Healer(params.healing, params.temperature, self.estimator,
+                                params.max_tokens)
+            # Greedy decoding without a retry temperature would regenerate the same tokens:
+            # segments are scored and logged, never erased.
+            seq.healer.can_regenerate = generator is not None
+            self._boundaries(params.healing.segment_boundary)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -238,23 +257,74 @@ class LLMEngine:
                 seq.first_token_time = now
             self._check_stop(seq, token_ids[j], new_text)
             if seq.is_finished:
+                if seq.healer is not None:
+                    self._heal_finish(seq)
                 self.scheduler.finish(seq)
-            else:
+            elif seq.healer is None:
                 seq.num_stable_tokens = seq.num_output_tokens
+            else:
+                boundary = token_ids[j] in self._boundaries(seq.params.healing.segment_boundary)
+                decision = seq.healer.on_token(seq, boundary)
+                if decision is not None:
+                    self._apply_heal(seq, decision)
+                elif seq.num_output_tokens == seq.healer.segment_start:
+                    self._segment_accepted(seq)
+
+    # -- self-healing --------------------------------------------------------------------
+    def _boundaries(self, boundary: list[str]) -> frozenset[int]:
+        """Token ids whose text contains a segment boundary (computed once per boundary set)."""
+        key = tuple(boundary)
+        if key not in self._boundary_ids:
+            ids = [i for i in range(len(self.tokenizer))
+                   if any(b in self.tokenizer.decode([i]) for b in boundary)]
+            self._boundary_ids[key] = frozenset(ids)
+        return self._boundary_ids[key]
+
+    def _apply_heal(self, seq: Sequence, decision: HealDecision) -> None:
+        """The healer decided; the scheduler acts (truncate, and re-append on restore)."""
+        healer = seq.healer
+        erased = seq.num_output_tokens - decision.position
+        self.scheduler.truncate(seq, decision.position)
+        self.num_recomputed_tokens += 1  # the last kept token is fed again
+        if decision.action == "erase":
+            self.num_erasures += 1
+            self.num_erased_tokens += erased
+            if seq.params.healing.retry_temperature is not None:
+                seq.temperature_override = seq.params.healing.retry_temperature
+            return
+        # Restore: the lowest-score attempt wins; its tokens come back and are recomputed.
+        best = decision.restore
+        self.num_erasures += 1
+        self.num_erased_tokens += erased
+        for tok, lp, nll, ent in zip(best.token_ids, best.logprobs, best.nll, best.entropy):
+            seq.append_token(tok, lp, nll, ent, None)
+        self.num_recomputed_tokens += len(best.token_ids)
+        healer.accept_restored(seq)
+        self._segment_accepted(seq)
+
+    def _segment_accepted(self, seq: Sequence) -> None:
+        self.num_segments += 1
+        seq.temperature_override = None
+
+    def _heal_finish(self, seq: Sequence) -> None:
+        before = len(seq.segments)
+        seq.healer.finish(seq)
+        self.num_segments += len(seq.segments) - before
 
     def _sampling_batch(self, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
         ps = [s.params for s in seqs]
         banned = []
         for s in seqs:
+            ban = set()
             if s.num_output_tokens < s.params.min_tokens:
-                ban = set(s.params.stop_token_ids)
+                ban |= set(s.params.stop_token_ids)
                 if not s.params.ignore_eos:
                     ban |= self.eos_token_ids
-                banned.append(sorted(ban))
-            else:
-                banned.append([])
+            if s.healer is not None and s.healer.banned_token(s) is not None:
+                ban.add(s.healer.banned_token(s))
+            banned.append(sorted(ban))
         return SamplingBatch(
-            temperatures=torch.tensor([p.temperature for p in ps], device=device),
+            temperatures=torch.tensor([s.temperature for s in seqs], device=device),
             top_k=torch.tensor([p.top_k for p in ps], device=device),
             top_p=torch.tensor([p.top_p for p in ps], device=device),
             min_p=torch.tensor([p.min_p for p in ps], device=device),
@@ -297,4 +367,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
-            weight_version=self.weight_version)
+            weight_version=self.weight_version, num_segments=self.num_segments,
+            num_erasures=self.num_erasures, num_erased_tokens=self.num_erased_tokens,
+            num_recomputed_tokens=self.num_recomputed_tokens)

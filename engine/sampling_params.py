@@ -46,6 +46,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.healing, dict):
+            from .healer.params import HealingParams
+            self.healing = HealingParams.from_dict(self.healing)
         if self.top_k == -1:
             self.top_k = 0
         _check(isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1", "n")
@@ -71,6 +74,10 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and 0 <= value <= _MAX_LOGPROBS),
                    f"{name} must be an integer in [0, {_MAX_LOGPROBS}]", name)
+
+    @property
+    def heals(self) -> bool:
+        return self.healing is not None and self.healing.enabled
 
     @property
     def is_greedy(self) -> bool:

@@ -63,6 +63,7 @@ class Sequence:
         self.num_model_tokens = 0  # tokens fed to the model for this sample (recompute included)
         self.num_preemptions = 0
         self.healer = None  # set by the engine when healing is on
+        self.temperature_override: float | None = None  # a retry's temperature
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -84,6 +85,12 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def temperature(self) -> float:
+        if self.temperature_override is not None:
+            return self.temperature_override
+        return self.params.temperature
 
     @property
     def is_finished(self) -> bool:
