@@ -68,7 +68,8 @@ def serve(args: argparse.Namespace) -> int:
             message = f"--{field.replace('_', '-')}: {first['msg']}"
         else:
             message = str(exc)
-        sys.exit(f"e3rl serve: {message}")
+        sys.stderr.write(f"e3rl: error: {message}\n")  # one line, as argparse does
+        raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -1,0 +1,106 @@
+"""``e3rl serve``: flags, environment, the bundled-model default, and a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from e3rl.server import cli, settings as settings_module
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """Run ``e3rl serve`` without serving: capture what would be passed to uvicorn."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    return calls
+
+
+def test_flags_beat_env_and_env_beats_defaults(monkeypatch, captured, tiny_model):
+    monkeypatch.setenv("E3RL_PORT", "9001")
+    monkeypatch.setenv("E3RL_MAX_NUM_SEQS", "5")
+    monkeypatch.setenv("E3RL_API_KEY", "k")
+    assert cli.main(["serve", "--model", str(tiny_model), "--port", "9002",
+                     "--served-model-name", "m", "--kv-cache-memory-gb", "0.25"]) == 0
+    [(app, kwargs)] = captured
+    s = app.state.settings
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 9002)
+    assert s.max_num_seqs == 5 and s.api_key.get_secret_value() == "k"
+    assert s.model_name == "m" and s.kv_cache_memory_gb == 0.25
+    config = s.engine_config()
+    assert config.max_num_seqs == 5 and config.served_model_name == "m"
+    assert config.num_threads >= 1
+
+
+def test_missing_bundled_model_is_one_clear_line(monkeypatch, captured, capsys, tmp_path):
+    monkeypatch.delenv("E3RL_MODEL", raising=False)
+    monkeypatch.setattr(settings_module, "DEFAULT_MODEL_PATH", tmp_path / "arith-chain")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve"])
+    assert info.value.code == 2 and not captured
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bundled model is missing" in err and "--model" in err
+
+
+def test_default_model_path_is_the_repository_models_folder():
+    s = settings_module.Settings(model=None)
+    assert s.model_path == settings_module.DEFAULT_MODEL_PATH
+    assert s.model_path.parts[-2:] == ("models", "arith-chain")
+    assert (s.model_path.parents[1] / "pyproject.toml").is_file()
+
+
+def test_bad_value_is_one_clear_line(capsys, captured, tiny_model):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", str(tiny_model), "--max-num-seqs", "0"])
+    assert info.value.code == 2
+    assert "--max-num-seqs" in capsys.readouterr().err
+
+
+def test_help_lists_serve(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "serve" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_end_to_end(tiny_model):
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "E3RL_NUM_KV_BLOCKS": "64",
+           "E3RL_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "e3rl.server.cli", "serve", "--model",
+                             str(tiny_model), "--port", str(port), "--no-access-log"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+                       headers={"Authorization": "Bearer k"}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == tiny_model.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Application shutdown complete" in out
