@@ -8,8 +8,6 @@ down · 500 anything else, with a fixed message (never a traceback).
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,8 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from e3rl.engine.errors import EngineDead, InvalidRequest, QueueFull
 
 from .protocol import error_body
-
-logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
@@ -92,11 +88,9 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
-        error = to_api_error(exc)
-        if error.status == 500:
-            logger.error("unhandled error on %s %s", request.method, request.url.path,
-                         exc_info=exc)
-        return error_response(request, error)
+        # A 500's traceback goes to the server's log (Starlette re-raises it to uvicorn),
+        # never to the client.
+        return error_response(request, to_api_error(exc))
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(request, validation_error(exc))

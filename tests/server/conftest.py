@@ -11,7 +11,6 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from e3rl.engine import EngineConfig
 from e3rl.engine.async_engine import AsyncEngine
 from e3rl.server.app import create_app
 from e3rl.server.settings import Settings

@@ -221,3 +221,17 @@ def test_real_queue_full(tiny_model):
     _check_error(third, 503, None)
     assert third.headers["retry-after"] == "1"
     assert first.status_code == second.status_code == 200
+
+
+def test_health_and_ready_when_the_engine_died(settings, engine):
+    class Dead:
+        is_alive = False
+        error = RuntimeError("crashed")
+        latest_stats = engine.latest_stats
+
+    app = create_app(settings, engine=engine)
+    with TestClient(app) as client:
+        app.state.engine = Dead()
+        assert client.get("/health").status_code == 503
+        assert client.get("/ready").status_code == 503
+        assert 'e3rl_engine_alive{model="tiny"} 0.0' in client.get("/metrics").text

@@ -1,0 +1,234 @@
+"""Serving benchmark: a bounded load generator over loopback against ``e3rl serve``, next to
+the offline engine on the same workload in the same run.
+
+A fixed number of requests (default 64) is sent by ``--concurrency`` (default 32) streaming
+clients; each request is greedy with a fixed prompt (token ids) and output length, so both
+runs compute exactly the same tokens. Printed: output throughput of the server and of the
+offline engine (same model, dtype, threads and batch limit), the server's overhead, and the
+time-to-first-token / inter-token latency / end-to-end percentiles seen by the clients.
+
+    .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
+        [--num-requests 64] [--concurrency 32] [--num-threads N]
+
+Without ``--model`` it uses the ~100M Qwen3-shaped random model of ``throughput.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_model, mixed_workload  # noqa: E402
+
+from e3rl.engine import LLM, SamplingParams  # noqa: E402
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+    token_text: str = ""
+
+
+def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[int, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {q: float("nan") for q in qs}
+    return {q: ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+            for q in qs}
+
+
+class CpuMonitor:
+    """CPU used by processes other than this one and the server, as a share of all cores."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.pids = [os.getpid()] + ([server_pid] if server_pid else [])
+
+    def _ours(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        return total
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) \
+            + getattr(t, "softirq", 0.0)
+
+    def __enter__(self):
+        self._busy0, self._ours0, self._t0 = self._busy(), self._ours(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.monotonic() - self._t0
+        other = (self._busy() - self._busy0) - (self._ours() - self._ours0)
+        self.other_share = max(0.0, other) / (wall * psutil.cpu_count())
+        return False
+
+    def note(self) -> str:
+        flag = "  WARNING: machine not quiet" if self.other_share > 0.10 else ""
+        return f"other load {100 * self.other_share:.0f}%{flag}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "e3rl.server.cli", "serve", "--model", str(args.model),
+           "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--no-access-log",
+           "--log-level", "warning", "--num-threads", str(args.num_threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not become ready")
+        time.sleep(0.25)
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
+                      ) -> RequestStats:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    stats = RequestStats()
+    t0 = last = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                stats.num_tokens = event["usage"]["completion_tokens"]
+                continue
+            now = time.perf_counter()
+            if not stats.token_text:
+                stats.ttft_s = now - t0
+            else:
+                stats.itl_s.append(now - last)
+            last = now
+            stats.token_text += event["choices"][0]["text"]
+    stats.e2e_s = time.perf_counter() - t0
+    return stats
+
+
+async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
+                   concurrency: int) -> tuple[float, list[RequestStats]]:
+    """Send every request with at most ``concurrency`` in flight; returns (wall, stats)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(len(prompts)):
+        queue.put_nowait(i)
+    results: list[RequestStats | None] = [None] * len(prompts)
+
+    async def worker(client):
+        while not queue.empty():
+            i = queue.get_nowait()
+            results[i] = await one_request(client, prompts[i], output_lens[i])
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, prompts[0][:16], 4)  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return wall, results  # type: ignore[return-value]
+
+
+def run_offline(args, prompts, output_lens) -> tuple[float, list[str]]:
+    llm = LLM(str(args.model), dtype=args.dtype, max_num_seqs=args.concurrency,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads)
+    llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return wall, [o.outputs[0].text for o in outs]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="model dir (default: 100M bench)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--num-threads", type=int, default=psutil.cpu_count(),
+                   help="torch threads, the same for the server and the offline engine")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    p.add_argument("--prompt-range", default="16,512")
+    p.add_argument("--output-range", default="16,256")
+    args = p.parse_args()
+    if args.model is None:
+        args.model = bench_model()
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    work = mixed_workload(args.num_requests, tuple(map(int, args.prompt_range.split(","))),
+                          tuple(map(int, args.output_range.split(","))), vocab=vocab)
+    total_tokens = work.num_output_tokens
+    print(f"model {args.model} ({args.dtype}), {args.num_requests} requests, concurrency "
+          f"{args.concurrency}, {total_tokens} output tokens, {args.num_threads} torch "
+          f"threads, {psutil.cpu_count()} cores")
+
+    port = free_port()
+    server = start_server(args, port)
+    try:
+        with CpuMonitor(server.pid) as server_load:
+            wall, stats = asyncio.run(run_load(f"http://127.0.0.1:{port}", work.prompts,
+                                               work.output_lens, args.concurrency))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    assert sum(s.num_tokens for s in stats) == total_tokens, "token counts differ"
+
+    with CpuMonitor() as offline_load:
+        offline_wall, offline_texts = run_offline(args, work.prompts, work.output_lens)
+    same = sum(s.token_text == t for s, t in zip(stats, offline_texts))
+
+    served, offline = total_tokens / wall, total_tokens / offline_wall
+    print(f"\nserver  : {served:7.1f} output tok/s  ({wall:.1f} s)  {server_load.note()}")
+    print(f"offline : {offline:7.1f} output tok/s  ({offline_wall:.1f} s)  "
+          f"{offline_load.note()}")
+    print(f"server overhead: {100 * (offline / served - 1):+.1f}% wall time "
+          f"(server throughput = {served / offline:.3f} x offline)")
+    print(f"greedy outputs identical to offline: {same}/{len(stats)}")
+    rows = [("TTFT", [s.ttft_s for s in stats]),
+            ("ITL", [x for s in stats for x in s.itl_s]),
+            ("E2E", [s.e2e_s for s in stats])]
+    print("\nlatency (ms)      p50      p90      p99")
+    for name, values in rows:
+        q = percentiles(values)
+        print(f"{name:<12} {1e3 * q[50]:8.1f} {1e3 * q[90]:8.1f} {1e3 * q[99]:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
