@@ -1,0 +1,94 @@
+"""What an erasure costs, and what healing costs when it never fires.
+
+1. After a 1,000-token prefix: generate 32 tokens normally; erase those 32 tokens and
+   regenerate 32 (only the last kept token and the 32 new ones are computed); restart from
+   the prompt (recompute the prefix, then 32 tokens). Ratios against the normal 32 tokens.
+2. Throughput of a mixed workload with healing on but a threshold that is never reached, vs
+   healing off, in the same run.
+
+    .venv/bin/python benchmarks/healing_cost.py [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LoadMonitor, bench_model, mixed_workload  # noqa: E402
+
+from e3rl.engine import LLM, SamplingParams  # noqa: E402
+
+
+def _decode(engine, seq, num_tokens):
+    target = seq.num_output_tokens + num_tokens
+    t0 = time.perf_counter()
+    while seq.num_output_tokens < target:
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def erase_cost(llm, prefix_len=1000, seg=32, repeats=3):
+    engine = llm.engine
+    prompt = [(7 * i) % 30000 + 4 for i in range(prefix_len)]
+    normal, erase, restart = [], [], []
+    for r in range(repeats):
+        rid = f"cost{r}"
+        engine.add_request(rid, prompt, SamplingParams(temperature=1.0, seed=r, max_tokens=4 * seg,
+                                                       ignore_eos=True))
+        seq = engine.requests[rid].seqs[0]
+        engine.step()  # prefill (and first token)
+        normal.append(_decode(engine, seq, seg))
+        t0 = time.perf_counter()
+        engine.scheduler.truncate(seq, seq.num_output_tokens - seg)
+        erase.append(time.perf_counter() - t0 + _decode(engine, seq, seg))
+        engine.abort(rid)
+        engine.add_request(rid, prompt, SamplingParams(temperature=1.0, seed=r, max_tokens=seg,
+                                                       ignore_eos=True))
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        restart.append(time.perf_counter() - t0)
+    return min(normal), min(erase), min(restart)
+
+
+def never_triggered(llm, work):
+    base = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True)
+            for i, n in enumerate(work.output_lens)]
+    healed = [p.clone(healing={"threshold": math.inf}) for p in base]
+    times = {"off": [], "on": []}
+    for _ in range(2):  # interleaved, best of 2
+        for name, params in (("off", base), ("on", healed)):
+            t0 = time.perf_counter()
+            llm.generate(work.prompts, params, use_tqdm=False)
+            times[name].append(time.perf_counter() - t0)
+    return min(times["off"]), min(times["on"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-requests", type=int, default=16)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    llm = LLM(bench_model(), dtype=args.dtype, kv_cache_memory_gb=2.0)
+    with LoadMonitor() as load:
+        normal, erase, restart = erase_cost(llm)
+    print(f"[{args.dtype}] after a 1000-token prefix: 32 tokens {normal:.3f} s; erase + regenerate "
+          f"32 {erase:.3f} s ({erase / normal:.2f}x); restart from the prompt {restart:.3f} s "
+          f"({restart / erase:.1f}x the erase)  ({load.note()})")
+    work = mixed_workload(args.num_requests, output_range=(16, 128))
+    with LoadMonitor() as load:
+        off, on = never_triggered(llm, work)
+    print(f"[{args.dtype}] healing never triggered: {work.num_output_tokens / on:.1f} tok/s vs off "
+          f"{work.num_output_tokens / off:.1f} tok/s = {100 * off / on:.1f}% of healing-off "
+          f"throughput  ({load.note()})")
+
+
+if __name__ == "__main__":
+    main()
