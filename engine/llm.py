@@ -76,6 +76,12 @@ class LLM:
                 raise
         return [results[r] for r in request_ids]
 
+    def update_weights(self, source, version: str) -> None:
+        """Swap weights: ``source`` is a directory of safetensors files, a dict, or an
+        iterable of ``(name, tensor)``. Raises ``WeightUpdateError`` and changes nothing if
+        any tensor's name, shape or dtype does not match the model."""
+        self.engine.update_weights(source, version)
+
     @property
     def weight_version(self) -> str:
         return self.engine.weight_version

@@ -13,7 +13,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequest, QueueFull
+from .errors import InvalidRequest, QueueFull, WeightUpdateError
 from .healer import HealDecision, Healer, ThresholdEstimator
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
@@ -149,6 +149,7 @@ class LLMEngine:
                 generator.manual_seed(self._rng.getrandbits(63))
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         seq = Sequence(self._next_seq_id, request_id, index, ids, params, generator, detok)
+        seq.weight_versions.append((0, self.weight_version))
         self._next_seq_id += 1
         if params.heals:
             seq.healer = Healer(params.healing, params.temperature, self.estimator,
@@ -353,6 +354,30 @@ class LLMEngine:
                     return seq.finish("stop", stop)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
+
+    # -- weights -------------------------------------------------------------------------
+    def update_weights(self, source, version: str) -> None:
+        """Swap the model's weights between two steps, atomically: everything is validated
+        before the first copy (``WeightUpdateError`` leaves the old weights serving).
+
+        Running sequences keep their tokens but their KV cache is dropped and recomputed with
+        the new weights (as after a preemption): a sequence never attends over KV from two
+        weight versions, and no request waits for others to finish before the swap."""
+        from . import weights
+
+        if not isinstance(version, str) or not version:
+            raise WeightUpdateError("version must be a non-empty string")
+        tensors = weights.load_tensors(source)
+        weights.validate(self.runner.model, tensors)
+        weights.copy_into(self.runner.model, tensors)
+        for seq in list(self.scheduler.running):
+            self.scheduler.running.remove(seq)
+            self.scheduler._preempt(seq)
+        for request in self.requests.values():
+            for seq in request.seqs:
+                seq.weight_versions.append((seq.num_output_tokens, version))
+        self.weight_version = version
+        logger.info("weights updated to version %s (%d tensors)", version, len(tensors))
 
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -52,6 +52,9 @@ class CompletionOutput:
     erasures: list[ErasureEvent] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens the model computed for this sample (erasures included)
+    # (output index, version) from each output position on; more than one entry when the
+    # weights were swapped while this sample was generated.
+    weight_versions: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,7 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
         o.num_computed_tokens = d.num_computed_tokens
         if d.finish_reason is not None:
             o.erasures, o.segments = d.erasures, d.segments
+            o.weight_versions = d.weight_versions
     acc.outputs.sort(key=lambda o: o.index)
     acc.finished = delta.finished
     if delta.finished:

@@ -69,6 +69,7 @@ class Request:
         if finished:
             out.erasures = list(seq.erasures)
             out.segments = list(seq.segments)
+            out.weight_versions = list(seq.weight_versions)
             seq.released_final = True
         seq.num_released_tokens, seq.num_released_chars = stable, text_end
         return out

@@ -64,6 +64,8 @@ class Sequence:
         self.num_preemptions = 0
         self.healer = None  # set by the engine when healing is on
         self.temperature_override: float | None = None  # a retry's temperature
+        # (output index, version): the weights version from each output position on.
+        self.weight_versions: list[tuple[int, str]] = []
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
