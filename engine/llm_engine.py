@@ -253,6 +253,7 @@ class LLMEngine:
                 top = {token_ids[j]: logprobs[j]}
                 top.update(zip(top_ids[j][:k], top_lp[j][:k]))
             new_text = seq.append_token(token_ids[j], logprobs[j], nll[j], entropy[j], top)
+            seq.num_generated_tokens += 1
             self.num_generation_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -300,6 +301,7 @@ class LLMEngine:
         for tok, lp, nll, ent in zip(best.token_ids, best.logprobs, best.nll, best.entropy):
             seq.append_token(tok, lp, nll, ent, None)
         self.num_recomputed_tokens += len(best.token_ids)
+        seq.num_generated_tokens += len(best.token_ids)
         healer.accept_restored(seq)
         self._segment_accepted(seq)
 

@@ -51,7 +51,8 @@ class CompletionOutput:
     top_logprobs: list[dict[int, float]] | None = None
     erasures: list[ErasureEvent] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens the model computed for this sample (erasures included)
+    # Output tokens generated for this sample, erased and restored ones included.
+    num_computed_tokens: int = 0
     # (output index, version) from each output position on; more than one entry when the
     # weights were swapped while this sample was generated.
     weight_versions: list[tuple[int, str]] = field(default_factory=list)

@@ -65,7 +65,7 @@ class Request:
             logprobs=seq.logprobs[t0:stable], nll=seq.nll[t0:stable],
             entropy=seq.entropy[t0:stable],
             top_logprobs=seq.top_logprobs[t0:stable] if self.params.logprobs is not None else None,
-            num_computed_tokens=seq.num_model_tokens)
+            num_computed_tokens=seq.num_generated_tokens)
         if finished:
             out.erasures = list(seq.erasures)
             out.segments = list(seq.segments)

@@ -61,6 +61,10 @@ class Sequence:
         self.erasures: list = []  # ErasureEvent, filled by the healer
         self.segments: list = []  # Segment, filled by the healer
         self.num_model_tokens = 0  # tokens fed to the model for this sample (recompute included)
+        # Output tokens generated for this sample, erased ones and restored ones included:
+        # the "computed tokens" that healing is charged with (equal to the returned tokens
+        # when nothing is erased).
+        self.num_generated_tokens = 0
         self.num_preemptions = 0
         self.healer = None  # set by the engine when healing is on
         self.temperature_override: float | None = None  # a retry's temperature
