@@ -2,9 +2,10 @@
 the offline engine on the same workload in the same run.
 
 A fixed number of requests (default 64) is sent by ``--concurrency`` (default 32) streaming
-clients; each request is greedy with a fixed prompt (token ids) and output length, so both
-runs compute exactly the same tokens. Printed: output throughput of the server and of the
-offline engine (same model, dtype, threads and batch limit), the server's overhead, and the
+clients; each request is greedy with a fixed prompt (token ids) and output length, so every
+run computes exactly the same tokens. Printed: output throughput of the server, of the same
+closed loop run straight on ``AsyncEngine`` (no HTTP), and of the offline engine (all requests
+at once), with the same model, dtype, threads and batch limit; the server's overhead; and the
 time-to-first-token / inter-token latency / end-to-end percentiles seen by the clients.
 
     .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
@@ -42,7 +43,8 @@ class RequestStats:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     num_tokens: int = 0
-    token_text: str = ""
+    num_chunks: int = 0
+    text: str = ""
 
 
 def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[int, float]:
@@ -132,12 +134,13 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
                 stats.num_tokens = event["usage"]["completion_tokens"]
                 continue
             now = time.perf_counter()
-            if not stats.token_text:
+            if not stats.num_chunks:
                 stats.ttft_s = now - t0
             else:
                 stats.itl_s.append(now - last)
             last = now
-            stats.token_text += event["choices"][0]["text"]
+            stats.num_chunks += 1
+            stats.text += event["choices"][0]["text"]
     stats.e2e_s = time.perf_counter() - t0
     return stats
 
@@ -164,6 +167,42 @@ async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
     return wall, results  # type: ignore[return-value]
 
 
+def run_async_engine(args, prompts, output_lens) -> float:
+    """The same closed loop straight on ``AsyncEngine`` (no HTTP): separates the cost of the
+    HTTP front end from that of the engine thread and the closed-loop arrivals."""
+    from e3rl.engine import EngineConfig
+    from e3rl.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig(
+        model=str(args.model), dtype=args.dtype, max_num_seqs=args.concurrency,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads))
+    engine.start()
+
+    async def one(i: int, prompt: list[int], max_tokens: int) -> None:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        async for _ in engine.generate(f"r{i}", prompt, params):
+            pass
+
+    async def main() -> float:
+        await one(-1, prompts[0][:16], 4)  # warm-up
+        todo = list(range(len(prompts)))
+
+        async def worker():
+            while todo:
+                i = todo.pop(0)
+                await one(i, prompts[i], output_lens[i])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        return time.perf_counter() - t0
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
 def run_offline(args, prompts, output_lens) -> tuple[float, list[str]]:
     llm = LLM(str(args.model), dtype=args.dtype, max_num_seqs=args.concurrency,
               max_num_batched_tokens=args.max_num_batched_tokens,
@@ -188,6 +227,7 @@ def main() -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
     p.add_argument("--prompt-range", default="16,512")
     p.add_argument("--output-range", default="16,256")
+    p.add_argument("--skip-offline", action="store_true", help="measure the server only")
     args = p.parse_args()
     if args.model is None:
         args.model = bench_model()
@@ -209,18 +249,23 @@ def main() -> None:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=60)
     assert sum(s.num_tokens for s in stats) == total_tokens, "token counts differ"
-
-    with CpuMonitor() as offline_load:
-        offline_wall, offline_texts = run_offline(args, work.prompts, work.output_lens)
-    same = sum(s.token_text == t for s, t in zip(stats, offline_texts))
-
-    served, offline = total_tokens / wall, total_tokens / offline_wall
+    served = total_tokens / wall
     print(f"\nserver  : {served:7.1f} output tok/s  ({wall:.1f} s)  {server_load.note()}")
-    print(f"offline : {offline:7.1f} output tok/s  ({offline_wall:.1f} s)  "
-          f"{offline_load.note()}")
-    print(f"server overhead: {100 * (offline / served - 1):+.1f}% wall time "
-          f"(server throughput = {served / offline:.3f} x offline)")
-    print(f"greedy outputs identical to offline: {same}/{len(stats)}")
+    if not args.skip_offline:
+        with CpuMonitor() as async_load:
+            async_wall = run_async_engine(args, work.prompts, work.output_lens)
+        print(f"engine  : {total_tokens / async_wall:7.1f} output tok/s  ({async_wall:.1f} s)  "
+              f"{async_load.note()}  (AsyncEngine, same closed loop, no HTTP)")
+        with CpuMonitor() as offline_load:
+            offline_wall, offline_texts = run_offline(args, work.prompts, work.output_lens)
+        same = sum(s.text == t for s, t in zip(stats, offline_texts))
+        offline = total_tokens / offline_wall
+        print(f"offline : {offline:7.1f} output tok/s  ({offline_wall:.1f} s)  "
+              f"{offline_load.note()}  (LLM.generate, all requests at once)")
+        print(f"server overhead: {100 * (offline / served - 1):+.1f}% wall time vs offline "
+              f"(server = {served / offline:.3f} x offline), HTTP alone "
+              f"{100 * (wall / async_wall - 1):+.1f}% vs the AsyncEngine loop")
+        print(f"greedy texts identical to offline: {same}/{len(stats)}")
     rows = [("TTFT", [s.ttft_s for s in stats]),
             ("ITL", [x for s in stats for x in s.itl_s]),
             ("E2E", [s.e2e_s for s in stats])]

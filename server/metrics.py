@@ -123,11 +123,14 @@ class Metrics:
                                      ["model"], registry=r)
         self.segments = Counter("e3rl_segments", "Segments accepted in finished outputs.",
                                 ["model"], registry=r)
-        for metric in (self.erasures, self.erased_tokens, self.segments, self.ttft, self.itl,
-                       self.e2e, self.queue):
-            metric.labels(model)  # present (at 0) from the start
-        for reason in ("stop", "length", "abort"):
-            self.requests.labels(model, reason)
+        # Label children resolved once: labels() costs ~20 us, and this runs per token.
+        self._ttft, self._itl = self.ttft.labels(model), self.itl.labels(model)
+        self._e2e, self._queue = self.e2e.labels(model), self.queue.labels(model)
+        self._erasures = self.erasures.labels(model)
+        self._erased_tokens = self.erased_tokens.labels(model)
+        self._segments = self.segments.labels(model)
+        self._finished = {reason: self.requests.labels(model, reason)
+                          for reason in ("stop", "length", "abort")}
         r.register(EngineCollector(model, get_engine))
 
     # -- recording (front end, event loop thread) ----------------------------------------
@@ -135,28 +138,30 @@ class Metrics:
         self.errors.labels(self.model, str(status)).inc()
 
     def record_finished(self, output: CompletionOutput) -> None:
-        self.requests.labels(self.model, output.finish_reason or "abort").inc()
-        self.erasures.labels(self.model).inc(len(output.erasures))
-        self.erased_tokens.labels(self.model).inc(
-            sum(len(e.erased_token_ids) for e in output.erasures))
-        self.segments.labels(self.model).inc(len(output.segments))
+        reason = output.finish_reason or "abort"
+        child = self._finished.get(reason) or self.requests.labels(self.model, reason)
+        child.inc()
+        if output.erasures:
+            self._erasures.inc(len(output.erasures))
+            self._erased_tokens.inc(sum(len(e.erased_token_ids) for e in output.erasures))
+        if output.segments:
+            self._segments.inc(len(output.segments))
 
     def record_aborted(self, num_samples: int) -> None:
         if num_samples:
-            self.requests.labels(self.model, "abort").inc(num_samples)
+            self._finished["abort"].inc(num_samples)
 
     def record_latency(self, ttft_s: float | None, e2e_s: float | None,
                        queue_s: float | None) -> None:
-        for hist, value in ((self.ttft, ttft_s), (self.e2e, e2e_s), (self.queue, queue_s)):
+        for hist, value in ((self._ttft, ttft_s), (self._e2e, e2e_s), (self._queue, queue_s)):
             if value is not None:
-                hist.labels(self.model).observe(max(0.0, value))
+                hist.observe(max(0.0, value))
 
     def record_itl(self, interval_s: float, num_tokens: int) -> None:
         """A delta of ``num_tokens`` tokens came ``interval_s`` after the previous one."""
         per_token = interval_s / num_tokens
-        child = self.itl.labels(self.model)
         for _ in range(num_tokens):
-            child.observe(per_token)
+            self._itl.observe(per_token)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

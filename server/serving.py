@@ -133,6 +133,31 @@ class Generation:
         while (item := await self._next()) is not None:
             yield item
 
+    async def delta_batches(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Like ``deltas``, but everything already queued comes at once, so that a stream
+        writes to its socket once per wake-up rather than once per delta."""
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            yield batch
+        while self._num_open:
+            batch = []
+            item = await self._queue.get()
+            while True:
+                i, x = item
+                if x is None:
+                    self._num_open -= 1
+                elif isinstance(x, BaseException):
+                    if batch:
+                        yield batch
+                    raise x
+                else:
+                    batch.append((i, x))
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                yield batch
+
     async def collect(self) -> list[RequestOutput]:
         """Everything, merged: one full ``RequestOutput`` per prompt."""
         acc: list[RequestOutput | None] = [None] * len(self.requests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -14,9 +15,8 @@ from ..auth import require_api_key
 from ..deps import get_engine, get_metrics, get_settings
 from ..logprobs import TokenText, chat_logprobs, engine_logprobs
 from ..metrics import Metrics
-from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                        ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatMessage,
-                        Usage)
+from ..protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
+                        ChatCompletionResponse, ChatMessage, Usage)
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
                        check_model, error_event, fingerprint, new_id, room_after, sse,
                        until_disconnect)
@@ -105,37 +105,43 @@ def _response(req: ChatCompletionRequest, result: RequestOutput, request_id: str
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, request_id: str, model: str,
                   text_of: TokenText):
-    created = int(time.time())
+    """SSE chunks, built as plain dicts in the shape of ``ChatCompletionChunk`` (per token,
+    pydantic's validation would cost several times more)."""
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model, "system_fingerprint": ""}
     started: set[int] = set()
     num_generated = 0
-    version = ""
-    exclude = None if req.include_usage else {"usage"}
 
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        body = ChatCompletionChunk(id=request_id, created=created, model=model,
-                                   system_fingerprint=fingerprint(version), choices=choices,
-                                   usage=usage)
-        return sse(body.model_dump_json(exclude=None if usage else exclude))
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+        body = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish_reason}]}
+        if req.include_usage:
+            body["usage"] = None
+        return sse(json.dumps(body))
 
     try:
-        async for _, delta in gen.deltas():
-            version = delta.weight_version
-            for o in delta.outputs:
-                if o.index not in started:  # OpenAI opens every choice with its role
-                    started.add(o.index)
-                    yield chunk([ChatChunkChoice(index=o.index,
-                                                 delta=ChatDelta(role="assistant", content=""))])
-                num_generated += len(o.token_ids)
-                if not o.text and o.finish_reason is None:
-                    continue
-                yield chunk([ChatChunkChoice(index=o.index,
-                                             delta=ChatDelta(content=o.text or None),
-                                             logprobs=_logprobs(req, o, text_of),
-                                             finish_reason=o.finish_reason)])
+        async for batch in gen.delta_batches():
+            events = []
+            for _, delta in batch:
+                head["system_fingerprint"] = fingerprint(delta.weight_version)
+                for o in delta.outputs:
+                    if o.index not in started:  # OpenAI opens every choice with its role
+                        started.add(o.index)
+                        events.append(chunk(o.index, {"role": "assistant", "content": ""}))
+                    num_generated += len(o.token_ids)
+                    if not o.text and not o.token_ids and o.finish_reason is None:
+                        continue
+                    logprobs = _logprobs(req, o, text_of)
+                    events.append(chunk(o.index, {"content": o.text} if o.text else {},
+                                        logprobs.model_dump() if logprobs else None,
+                                        o.finish_reason))
+            if events:
+                yield "".join(events)
         if req.include_usage:
             num_prompt = len(gen.requests[0].prompt_ids)
-            yield chunk([], Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                  total_tokens=num_prompt + num_generated))
+            usage = Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                          total_tokens=num_prompt + num_generated)
+            yield sse(json.dumps({**head, "choices": [], "usage": usage.model_dump()}))
     except Exception as exc:  # after the headers: the error goes into the stream
         yield error_event(exc, gen.metrics)
     finally:

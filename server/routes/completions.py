@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -141,42 +142,43 @@ def _response(req: CompletionRequest, gen: Generation, outputs: list[RequestOutp
 
 async def _stream(req: CompletionRequest, gen: Generation, request_id: str, model: str,
                   text_of: TokenText):
-    created = int(time.time())
+    """SSE chunks. Built as plain dicts (the shape of ``CompletionResponse``): this runs once
+    per token, where pydantic's validation would cost several times more."""
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": ""}
     echoed: set[int] = set()
     num_generated = 0
-    version = ""
-    exclude = None if req.include_usage else {"usage"}
     try:
-        async for i, delta in gen.deltas():
-            version = delta.weight_version
-            r = gen.requests[i]
-            for o in delta.outputs:
-                index = i * req.n + o.index
-                text = o.text
-                if req.echo and index not in echoed:
-                    echoed.add(index)
-                    text = _prompt_text(r, text_of) + text
-                num_generated += len(o.token_ids)
-                if not text and o.finish_reason is None:
-                    continue
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = completion_logprobs(text_of, o.token_ids, o.logprobs,
-                                                   o.top_logprobs, req.logprobs)
-                chunk = CompletionResponse(
-                    id=request_id, created=created, model=model,
-                    system_fingerprint=fingerprint(version),
-                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                              finish_reason=o.finish_reason)])
-                yield sse(chunk.model_dump_json(exclude=exclude))
+        async for batch in gen.delta_batches():
+            events = []
+            for i, delta in batch:
+                head["system_fingerprint"] = fingerprint(delta.weight_version)
+                for o in delta.outputs:
+                    index = i * req.n + o.index
+                    text = o.text
+                    if req.echo and index not in echoed:
+                        echoed.add(index)
+                        text = _prompt_text(gen.requests[i], text_of) + text
+                    num_generated += len(o.token_ids)
+                    if not text and not o.token_ids and o.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = completion_logprobs(text_of, o.token_ids, o.logprobs,
+                                                       o.top_logprobs, req.logprobs).model_dump()
+                    choice = {"index": index, "text": text, "logprobs": logprobs,
+                              "finish_reason": o.finish_reason}
+                    chunk = {**head, "choices": [choice]}
+                    if req.include_usage:
+                        chunk["usage"] = None
+                    events.append(sse(json.dumps(chunk)))
+            if events:
+                yield "".join(events)
         if req.include_usage:
             num_prompt = sum(len(r.prompt_ids) for r in gen.requests)
-            usage = CompletionResponse(
-                id=request_id, created=created, model=model,
-                system_fingerprint=fingerprint(version), choices=[],
-                usage=Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                            total_tokens=num_prompt + num_generated))
-            yield sse(usage.model_dump_json())
+            usage = Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                          total_tokens=num_prompt + num_generated)
+            yield sse(json.dumps({**head, "choices": [], "usage": usage.model_dump()}))
     except Exception as exc:  # after the headers: the error goes into the stream
         yield error_event(exc, gen.metrics)
     finally:

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from e3rl.engine import SamplingParams
+from e3rl.server.protocol import CompletionResponse
 
 PROMPT = "The cat sat on"
 
@@ -174,6 +175,8 @@ def test_stream_matches_non_stream(client):
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r)
+    for event in events:  # the hand-built chunks have the documented shape
+        assert CompletionResponse.model_validate(event).model_dump() == event
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}
     for event in events[:-1]:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from e3rl.engine import SamplingParams
+from e3rl.server.protocol import ChatCompletionChunk
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 
@@ -54,6 +55,8 @@ def test_chat_stream(client):
     lines = [line for line in r.text.split("\n") if line]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[6:]) for line in lines[:-1]]
+    for event in events:  # the hand-built chunks have the documented shape
+        ChatCompletionChunk.model_validate(event)
     texts = {0: "", 1: ""}
     roles = set()
     for event in events[:-1]:
