@@ -198,6 +198,25 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
+async def run_generation(request: Request, gen: Generation,
+                         stream: bool) -> list[RequestOutput] | None:
+    """Start ``gen``. Streaming: wait for every prompt's first delta and return None (the SSE
+    body takes over, and closes ``gen``). Otherwise: return everything, merged. Engine errors
+    and ``ClientDisconnected`` propagate, with the engine requests aborted."""
+    gen.start()
+    try:
+        if stream:
+            await until_disconnect(request, gen.prime())
+            return None
+        return await until_disconnect(request, gen.collect())
+    except BaseException:
+        gen.close()
+        raise
+    finally:
+        if not stream:
+            gen.close()
+
+
 class SSEResponse(StreamingResponse):
     """Server-Sent Events that always watch for the client leaving: its body iterator is
     cancelled on disconnect (whatever the server's ASGI version), which aborts the request."""

@@ -18,8 +18,8 @@ from ..metrics import Metrics
 from ..protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                         ChatCompletionResponse, ChatMessage, Usage)
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
-                       check_model, error_event, fingerprint, new_id, room_after, sse,
-                       until_disconnect)
+                       check_model, error_event, fingerprint, new_id, room_after,
+                       run_generation, sse)
 from ..settings import Settings
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -66,19 +66,12 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     request_id = new_id("chatcmpl")
     gen = Generation(engine, metrics, [_engine_request(req, engine, request_id)])
     text_of: TokenText = request.app.state.token_text
-    gen.start()
     try:
-        if req.stream:
-            await until_disconnect(request, gen.prime())
-            return SSEResponse(_stream(req, gen, request_id, settings.model_name, text_of))
-        outputs = await until_disconnect(request, gen.collect())
+        outputs = await run_generation(request, gen, req.stream)
     except ClientDisconnected:
-        gen.close()
-        return Response(status_code=499)
-    except BaseException:
-        gen.close()
-        raise
-    gen.close()
+        return Response(status_code=499)  # nobody is listening
+    if outputs is None:
+        return SSEResponse(_stream(req, gen, request_id, settings.model_name, text_of))
     return _response(req, outputs[0], request_id, settings.model_name, text_of)
 
 

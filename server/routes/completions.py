@@ -18,8 +18,8 @@ from ..logprobs import (TokenText, completion_logprobs, engine_logprobs,
 from ..metrics import Metrics
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
-                       check_model, error_event, fingerprint, new_id, room_after, sse,
-                       until_disconnect)
+                       check_model, error_event, fingerprint, new_id, room_after,
+                       run_generation, sse)
 from ..settings import Settings
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -86,19 +86,12 @@ async def create_completion(req: CompletionRequest, request: Request,
     request_id = new_id("cmpl")
     gen = Generation(engine, metrics, _engine_requests(req, engine, request_id))
     text_of: TokenText = request.app.state.token_text
-    gen.start()
     try:
-        if req.stream:
-            await until_disconnect(request, gen.prime())
-            return SSEResponse(_stream(req, gen, request_id, settings.model_name, text_of))
-        outputs = await until_disconnect(request, gen.collect())
+        outputs = await run_generation(request, gen, req.stream)
     except ClientDisconnected:
-        gen.close()
-        return Response(status_code=499)
-    except BaseException:
-        gen.close()
-        raise
-    gen.close()
+        return Response(status_code=499)  # nobody is listening
+    if outputs is None:
+        return SSEResponse(_stream(req, gen, request_id, settings.model_name, text_of))
     return _response(req, gen, outputs, request_id, settings.model_name, text_of)
 
 
