@@ -1,0 +1,120 @@
+"""The trajectory store's file format: SQLite schema, its migrations, and how a record
+becomes a row.
+
+A row is the record's JSON body plus columns derived from it for queries: ``seq`` (the
+cursor: ``INTEGER PRIMARY KEY AUTOINCREMENT``, assigned in commit order by the single
+writer, never reused even after retention deleted every row), ``id`` (unique: inserts are
+idempotent), ``created_at`` (age retention), ``num_erasures`` and ``weight_version``
+(filtered pulls). ``schema_version`` holds the file's version; ``migrate`` applies the
+missing steps of ``MIGRATIONS`` at open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_BUSY_TIMEOUT_S = 10.0
+
+# Ordered schema migrations: MIGRATIONS[v] takes a file from version v to v + 1. Append only;
+# never edit a released step. Each runs in one transaction with the version bump.
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: the append-only log: commit-ordered cursor, unique id, creation time for retention.
+    ("CREATE TABLE trajectories (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+     " id TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, body TEXT NOT NULL)",
+     "CREATE INDEX trajectories_created_at ON trajectories (created_at)"),
+    # 2: query columns derived from the body (backfilled), for filtered pulls.
+    ("ALTER TABLE trajectories ADD COLUMN num_erasures INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE trajectories ADD COLUMN weight_version TEXT",
+     "UPDATE trajectories SET"
+     " num_erasures = COALESCE(json_array_length(body, '$.erasures'), 0),"
+     " weight_version = COALESCE(json_extract(body, '$.weight_version'),"
+     "                           json_extract(body, '$.weight_versions[#-1][1]'))",
+     "CREATE INDEX trajectories_with_erasures ON trajectories (seq) WHERE num_erasures > 0",
+     "CREATE INDEX trajectories_weight_version ON trajectories (weight_version, seq)"),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class TrajectoryStoreError(Exception):
+    """The store file cannot be opened or written (e.g. written by a newer e3rl)."""
+
+
+def record_row(record: dict[str, Any]) -> tuple[str, float, int, str | None, str]:
+    """The columns of one record (raises TypeError / ValueError if not serialisable)."""
+    created_at = record.get("created_at")
+    if created_at is None:
+        record = {**record, "created_at": time.time()}
+        created_at = record["created_at"]
+    version = record.get("weight_version")
+    if version is None and record.get("weight_versions"):
+        version = record["weight_versions"][-1][1]
+    body = _dumps(record)
+    return (record["id"], float(created_at), len(record.get("erasures") or ()),
+            None if version is None else str(version), body)
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    """Strict JSON (what HTTP clients can parse): a non-finite float becomes null."""
+    try:
+        return json.dumps(record, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(record), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; the writer says BEGIN/COMMIT itself.
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        conn.close()
+        raise TrajectoryStoreError(f"{path}: cannot use WAL mode (got {mode!r})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> int:
+    """Bring the file to ``SCHEMA_VERSION``, one migration per step, all in one transaction
+    (a crash mid-way leaves the old version intact)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = 0 if row is None else row[0]
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        if version > SCHEMA_VERSION:
+            raise TrajectoryStoreError(
+                f"{path}: schema version {version} is newer than this e3rl's "
+                f"({SCHEMA_VERSION}); upgrade e3rl or use another --data-dir")
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        if 0 < version < SCHEMA_VERSION:
+            logger.info("trajectory store %s: migrated schema v%d -> v%d", path, version,
+                        SCHEMA_VERSION)
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        conn.close()
+        raise
+    return SCHEMA_VERSION
