@@ -157,6 +157,30 @@ def test_submit_async(store):
     assert store.count() == 20
 
 
+def test_cancelled_waiters_do_not_cancel_the_write(store_path):
+    """A client that goes away while its trajectory waits (the awaiting task is cancelled):
+    the record is still written and the writer lives on."""
+    store = TrajectoryStore(store_path, batch_max=1, batch_wait_s=0)
+    blocker = sqlite3.connect(store_path, isolation_level=None)
+
+    async def main():
+        blocker.execute("BEGIN IMMEDIATE")  # the writer holds record 0, record 1 waits
+        tasks = [asyncio.create_task(store.submit_async(make_record(i))) for i in range(2)]
+        await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        blocker.execute("ROLLBACK")
+        return await store.submit_async(make_record(2))
+
+    try:
+        assert asyncio.run(main()) is True
+        assert store.count() == 3 and store.num_failed == 0
+    finally:
+        blocker.close()
+        store.close()
+
+
 def test_non_finite_floats_become_null_and_bad_records_fail_alone(store):
     record = make_record(1)
     record["entropy"] = [float("nan"), 1.0, float("inf"), 0.5]
@@ -168,6 +192,23 @@ def test_non_finite_floats_become_null_and_bad_records_fail_alone(store):
     assert store.num_failed == 1
     assert store.get("req-1:0")["entropy"] == [None, 1.0, None, 0.5]
     assert store.count() == 2
+
+
+def test_a_failed_transaction_fails_its_futures_and_the_writer_goes_on(store_path):
+    TrajectoryStore(store_path).close()
+    conn = sqlite3.connect(store_path)
+    conn.execute("CREATE TRIGGER poison BEFORE INSERT ON trajectories WHEN NEW.id = 'req-1:0'"
+                 " BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+    conn.close()
+    store = TrajectoryStore(store_path)
+    try:
+        with pytest.raises(TrajectoryStoreError, match="poisoned"):
+            store.submit(make_record(1)).result(10)
+        assert store.num_failed == 1
+        assert submit_all(store, [make_record(2)]) == [True]
+        assert [r["id"] for r in fetch_everything(store, 10)] == ["req-2:0"]
+    finally:
+        store.close()
 
 
 # -- modes, retention, queue bound -------------------------------------------------------------
