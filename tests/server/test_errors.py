@@ -205,12 +205,17 @@ def test_real_queue_full(tiny_model):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t",
                                      timeout=60) as client:
+            async def until(condition):
+                for _ in range(3000):  # 30 s
+                    if condition():
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError("the engine never reached the expected state")
+
             first = asyncio.create_task(client.post("/v1/completions", json=long))
-            while engine.latest_stats.num_running_requests < 1:
-                await asyncio.sleep(0.01)
+            await until(lambda: engine.latest_stats.num_running_requests >= 1)
             second = asyncio.create_task(client.post("/v1/completions", json=long))
-            while engine.latest_stats.num_waiting_requests < 1:
-                await asyncio.sleep(0.01)
+            await until(lambda: engine.latest_stats.num_waiting_requests >= 1)
             third = await client.post("/v1/completions", json=OK)
             return third, await first, await second
 
