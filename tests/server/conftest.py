@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -15,9 +16,11 @@ from e3rl.engine.async_engine import AsyncEngine
 from e3rl.server.app import create_app
 from e3rl.server.settings import Settings
 
-# A pool big enough for every test (256 blocks x 16 tokens), no preemption.
+# A pool big enough for every test (256 blocks x 16 tokens), no preemption. The thread count
+# is the one tests/conftest.py chose: an engine sets torch's (process-wide) thread count, and
+# the server tests must not change it for the test modules that run after them.
 ENGINE_OPTIONS = dict(dtype="float32", block_size=16, num_kv_blocks=256, max_num_seqs=64,
-                      num_threads=1)
+                      num_threads=torch.get_num_threads())
 
 
 def make_settings(model_dir, **overrides) -> Settings:
