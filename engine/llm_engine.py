@@ -251,7 +251,8 @@ class LLMEngine:
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 top = {token_ids[j]: logprobs[j]}
-                top.update(zip(top_ids[j][:k], top_lp[j][:k]))
+                if k:
+                    top.update(zip(top_ids[j][:k], top_lp[j][:k]))
             new_text = seq.append_token(token_ids[j], logprobs[j], nll[j], entropy[j], top)
             seq.num_generated_tokens += 1
             self.num_generation_tokens += 1

@@ -143,3 +143,9 @@ def test_prompt_logprobs_match_a_full_forward(llm, tiny_model):
     assert out.prompt_token_logprobs[0] is None
     assert out.prompt_token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
     assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+
+
+def test_logprobs_zero_returns_only_the_sampled_token(llm):
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.5, seed=1, max_tokens=4,
+                                                   ignore_eos=True, logprobs=0))[0].outputs[0]
+    assert [list(t) for t in out.top_logprobs] == [[tok] for tok in out.token_ids]
