@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
                       StrictStr)
 
 from e3rl.engine import InvalidRequest, SamplingParams
+from e3rl.engine.healer import HealingParams
 
 MAX_LOGPROBS = 20  # the engine's limit on top-N log-probs
 
@@ -32,10 +33,13 @@ class StreamOptions(_Strict):
 
 
 class HealingOptions(BaseModel):
-    """Self-healing options. Until self-healing lands only ``{"enabled": false}`` is served."""
+    """Self-healing options of one request (``e3rl.engine.healer.HealingParams``: ``enabled``,
+    ``score``, ``quantile``, ``threshold``, ``kappa``, ``combine``, ``segment_boundary``,
+    ``max_erasures``, ``max_retries_per_segment``, ...). They override the server's defaults;
+    an object without ``enabled`` turns healing on."""
 
     model_config = ConfigDict(extra="allow")
-    enabled: StrictBool = False
+    enabled: StrictBool = True
 
 
 class SamplingFields(_Strict):
@@ -70,16 +74,25 @@ class SamplingFields(_Strict):
                 raise InvalidRequest(f"{name} is not supported (only 0)", param=name)
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", param="logit_bias")
-        if self.healing is not None and (self.healing.enabled or self.healing.model_extra):
-            raise InvalidRequest('self-healing is not available yet: healing accepts only '
-                                 '{"enabled": false}', param="healing")
         if self.n > max_n:
             raise InvalidRequest(f"n must be <= {max_n}", param="n")
 
+    def healing_params(self, defaults: dict) -> HealingParams | None:
+        """The server's healing defaults overridden by this request's ``healing`` object."""
+        options = dict(defaults)
+        if self.healing is not None:
+            options.update(self.healing.model_extra or {})
+            options["enabled"] = self.healing.enabled
+        if not options.get("enabled", False):
+            return None
+        return HealingParams.from_dict(options)
+
     def to_sampling_params(self, *, n: int, max_tokens: int, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
+                           prompt_logprobs: int | None = None,
+                           healing_defaults: dict | None = None) -> SamplingParams:
         """The engine's parameters (raises ``InvalidRequest`` naming the field)."""
         return SamplingParams(
+            healing=self.healing_params(healing_defaults or {}),
             n=n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
@@ -142,6 +155,10 @@ class ChatCompletionRequest(SamplingFields):
 
 # -- responses ---------------------------------------------------------------------------
 class Usage(BaseModel):
+    """OpenAI's usage. With self-healing on, an extension ``computed_tokens`` (tokens
+    generated, erased ones included) follows; OpenAI clients ignore it."""
+
+    model_config = ConfigDict(extra="allow")
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -155,6 +172,10 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """OpenAI's choice. With self-healing on, an extension ``e3rl`` follows (erasure count
+    and events, returned and computed tokens); OpenAI clients ignore it."""
+
+    model_config = ConfigDict(extra="allow")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None

@@ -9,6 +9,7 @@ closes the engine streams, which aborts the engine requests and frees their KV b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -263,6 +264,15 @@ def room_after(engine: AsyncEngine, num_prompt_tokens: int) -> int:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def healing_extension(output) -> dict:
+    """The ``e3rl`` extension of a finished choice (OpenAI clients ignore it): returned and
+    computed tokens, and the erasure events of self-healing."""
+    return {"num_output_tokens": len(output.token_ids),
+            "num_computed_tokens": output.num_computed_tokens,
+            "num_erasures": len(output.erasures),
+            "erasures": [dataclasses.asdict(e) for e in output.erasures]}
 
 
 def fingerprint(weight_version: str) -> str:

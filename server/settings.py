@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: "
                                     "all cores but one")
     seed: int = Field(0, description="seed of the random streams of unseeded requests")
+    healing: dict = Field(default_factory=dict, description="server-wide self-healing "
+                          "defaults as JSON, e.g. '{\"enabled\": true, \"kappa\": 2}'; a "
+                          "request's 'healing' object overrides them (default: off)")
 
     # -- HTTP ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")
@@ -68,6 +71,18 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="largest n / best_of of one request")
     log_level: str = Field("info", description="debug | info | warning | error")
     access_log: bool = Field(True, description="log one line per HTTP request (no bodies)")
+
+    @field_validator("healing")
+    @classmethod
+    def _valid_healing(cls, value: dict) -> dict:
+        from e3rl.engine import InvalidRequest
+        from e3rl.engine.healer import HealingParams
+
+        try:
+            HealingParams.from_dict(value)
+        except InvalidRequest as exc:
+            raise ValueError(f"healing: {exc}") from None
+        return value
 
     @field_validator("api_key")
     @classmethod

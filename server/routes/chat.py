@@ -43,7 +43,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
 
 
 def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
-                    request_id: str) -> EngineRequest:
+                    request_id: str, healing_defaults: dict) -> EngineRequest:
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = render_chat(engine.tokenizer, req.messages, req.add_generation_prompt,
@@ -51,7 +51,7 @@ def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
     max_tokens = req.max_completion_tokens or req.max_tokens or room_after(engine, len(ids))
     params = req.to_sampling_params(n=req.n, max_tokens=max_tokens,
                                     logprobs=engine_logprobs(req.top_logprobs or 0) if req.logprobs
-                                    else None)
+                                    else None, healing_defaults=healing_defaults)
     ids = engine.validate(ids, params)
     return EngineRequest(f"{request_id}-0", ids, ids, params)
 
@@ -64,7 +64,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     check_model(req.model, settings.model_name)
     req.check_supported(settings.max_n)
     request_id = new_id("chatcmpl")
-    gen = Generation(engine, metrics, [_engine_request(req, engine, request_id)])
+    gen = Generation(engine, metrics, [_engine_request(req, engine, request_id, settings.healing)])
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

@@ -18,8 +18,8 @@ from ..logprobs import (TokenText, completion_logprobs, engine_logprobs,
 from ..metrics import Metrics
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
-                       check_model, error_event, fingerprint, new_id, room_after,
-                       run_generation, sse)
+                       check_model, error_event, fingerprint, healing_extension, new_id,
+                       room_after, run_generation, sse)
 from ..settings import Settings
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -52,8 +52,8 @@ def _check(req: CompletionRequest, settings: Settings) -> None:
         raise InvalidRequest("echo with logprobs cannot be streamed", param="echo")
 
 
-def _engine_requests(req: CompletionRequest, engine: AsyncEngine,
-                     request_id: str) -> list[EngineRequest]:
+def _engine_requests(req: CompletionRequest, engine: AsyncEngine, request_id: str,
+                     settings: Settings) -> list[EngineRequest]:
     """Tokenize and validate every prompt before anything is submitted."""
     out = []
     for i, prompt in enumerate(_prompts(req)):
@@ -71,7 +71,8 @@ def _engine_requests(req: CompletionRequest, engine: AsyncEngine,
             prompt_logprobs = 0
         params = req.to_sampling_params(n=req.best_of or req.n, max_tokens=max_tokens,
                                         logprobs=engine_logprobs(req.logprobs),
-                                        prompt_logprobs=prompt_logprobs)
+                                        prompt_logprobs=prompt_logprobs,
+                                        healing_defaults=settings.healing)
         ids = engine.validate(prompt, params)
         out.append(EngineRequest(f"{request_id}-{i}", prompt, ids, params))
     return out
@@ -84,7 +85,7 @@ async def create_completion(req: CompletionRequest, request: Request,
                             settings: Settings = Depends(get_settings)):
     _check(req, settings)
     request_id = new_id("cmpl")
-    gen = Generation(engine, metrics, _engine_requests(req, engine, request_id))
+    gen = Generation(engine, metrics, _engine_requests(req, engine, request_id, settings))
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)
@@ -122,15 +123,20 @@ def _response(req: CompletionRequest, gen: Generation, outputs: list[RequestOutp
                         text_of, result.prompt_token_ids, result.prompt_token_logprobs or [],
                         result.prompt_logprobs, req.logprobs)
                     logprobs = merge_completion_logprobs(prompt_lp, logprobs)
+            extension = {"e3rl": healing_extension(o)} if r.params.heals else {}
             choices.append(CompletionChoice(index=i * req.n + j, text=prompt_text + o.text,
-                                            logprobs=logprobs, finish_reason=o.finish_reason))
+                                            logprobs=logprobs, finish_reason=o.finish_reason,
+                                            **extension))
     num_prompt = sum(len(r.prompt_ids) for r in gen.requests)
+    usage = Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                  total_tokens=num_prompt + num_generated)
+    if any(r.params.heals for r in gen.requests):
+        usage.computed_tokens = sum(o.num_computed_tokens for result in outputs
+                                    for o in result.outputs)
     version = outputs[0].weight_version if outputs else ""
     return CompletionResponse(
         id=request_id, created=int(time.time()), model=model,
-        system_fingerprint=fingerprint(version), choices=choices,
-        usage=Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                    total_tokens=num_prompt + num_generated))
+        system_fingerprint=fingerprint(version), choices=choices, usage=usage)
 
 
 async def _stream(req: CompletionRequest, gen: Generation, request_id: str, model: str,
@@ -140,7 +146,7 @@ async def _stream(req: CompletionRequest, gen: Generation, request_id: str, mode
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": ""}
     echoed: set[int] = set()
-    num_generated = 0
+    num_generated = num_computed = 0
     try:
         async for batch in gen.delta_batches():
             events = []
@@ -161,6 +167,10 @@ async def _stream(req: CompletionRequest, gen: Generation, request_id: str, mode
                                                        o.top_logprobs, req.logprobs).model_dump()
                     choice = {"index": index, "text": text, "logprobs": logprobs,
                               "finish_reason": o.finish_reason}
+                    if o.finish_reason is not None:
+                        num_computed += o.num_computed_tokens
+                        if gen.requests[i].params.heals:
+                            choice["e3rl"] = healing_extension(o)
                     chunk = {**head, "choices": [choice]}
                     if req.include_usage:
                         chunk["usage"] = None
@@ -171,6 +181,8 @@ async def _stream(req: CompletionRequest, gen: Generation, request_id: str, mode
             num_prompt = sum(len(r.prompt_ids) for r in gen.requests)
             usage = Usage(prompt_tokens=num_prompt, completion_tokens=num_generated,
                           total_tokens=num_prompt + num_generated)
+            if any(r.params.heals for r in gen.requests):
+                usage.computed_tokens = num_computed
             yield sse(json.dumps({**head, "choices": [], "usage": usage.model_dump()}))
     except Exception as exc:  # after the headers: the error goes into the stream
         yield error_event(exc, gen.metrics)

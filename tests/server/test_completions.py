@@ -147,10 +147,52 @@ def test_max_tokens_null_fills_the_context(client, engine):
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_healing_disabled_is_accepted_enabled_is_refused(client):
-    complete(client, prompt=PROMPT, max_tokens=2, healing={"enabled": False})
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "healing": {"enabled": True}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "healing"
+# Make common characters segment boundaries and erase every segment (threshold below any
+# score), so a random tiny model erases often.
+FORCE_HEALING = {"threshold": -1.0, "segment_boundary": ["a", "e", "i", "o", " "],
+                 "max_segment_tokens": 8, "max_erasures": 20, "max_retries_per_segment": 2,
+                 "max_erased_fraction": 1.0}
+
+
+def test_healing_off_keeps_openai_shape_and_bad_options_are_refused(client):
+    body = complete(client, prompt=PROMPT, max_tokens=2, healing={"enabled": False})
+    assert "e3rl" not in body["choices"][0] and "computed_tokens" not in body["usage"]
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "healing": {"kappa": -1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "healing.kappa"
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "healing": {"bogus": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "healing.bogus"
+
+
+def test_healing_response_carries_erasures_and_computed_tokens(client, llm):
+    body = complete(client, prompt=PROMPT, max_tokens=30, temperature=1.0, seed=4,
+                    ignore_eos=True, healing=FORCE_HEALING)
+    [choice] = body["choices"]
+    ext = choice["e3rl"]
+    assert ext["num_erasures"] == len(ext["erasures"]) > 0
+    assert ext["num_output_tokens"] == body["usage"]["completion_tokens"] == 30
+    assert body["usage"]["computed_tokens"] == ext["num_computed_tokens"] > 30
+    event = ext["erasures"][0]
+    assert {"position", "erased_token_ids", "erased_nll", "score", "threshold", "attempt",
+            "replacement_token_ids"} <= set(event)
+    [ref] = llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=4, max_tokens=30,
+                                                  ignore_eos=True, healing=FORCE_HEALING))
+    assert choice["text"] == ref.outputs[0].text
+
+
+def test_healing_stream_never_shows_erased_text(client):
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 1.0, "seed": 9,
+            "ignore_eos": True, "healing": FORCE_HEALING}
+    final = complete(client, **body)
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    assert r.status_code == 200
+    events = sse_events(r)
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"]]
+    assert final["choices"][0]["e3rl"]["num_erasures"] > 0
+    # Released text is only ever appended to: the stream is the final text, piece by piece,
+    # so no erased text was ever sent.
+    assert "".join(pieces) == final["choices"][0]["text"]
+    last = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]][-1]
+    assert last["choices"][0]["e3rl"]["num_erasures"] == final["choices"][0]["e3rl"]["num_erasures"]
 
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
