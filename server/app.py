@@ -20,8 +20,10 @@ from .errors import install_error_handlers
 from .logprobs import TokenText
 from .metrics import Metrics
 from .protocol import error_body
-from .routes import chat, completions, health, models, tokenize
+from .recorder import TrajectoryRecorder
+from .routes import admin, chat, completions, health, models, tokenize, trajectories
 from .settings import Settings
+from .trajectory_store import TrajectoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -84,36 +86,62 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = None
-        if app.state.engine is None:
-            settings.check_model()
-            config = settings.engine_config()
-            logger.info("loading %s (served as %r)", config.model, settings.model_name)
-            owned = await asyncio.to_thread(AsyncEngine, config)
-            owned.start()
-            _attach(app, owned)
-            logger.info("engine ready: context %d tokens, %d KV blocks", owned.max_model_len,
-                        owned.latest_stats.num_kv_blocks)
+        store = await asyncio.to_thread(open_store, settings)
+        if store is not None:
+            app.state.store = store
+            app.state.recorder = TrajectoryRecorder(store, settings.model_name,
+                                                    app.state.metrics, settings.store_wait_s)
         try:
+            if app.state.engine is None:
+                settings.check_model()
+                config = settings.engine_config()
+                logger.info("loading %s (served as %r)", config.model, settings.model_name)
+                owned = await asyncio.to_thread(AsyncEngine, config)
+                owned.start()
+                _attach(app, owned)
+                logger.info("engine ready: context %d tokens, %d KV blocks",
+                            owned.max_model_len, owned.latest_stats.num_kv_blocks)
             yield
         finally:
             if owned is not None:
                 logger.info("stopping the engine")
                 await asyncio.to_thread(owned.shutdown)
+            if store is not None:
+                # After the engine: every trajectory already queued is committed (drained).
+                app.state.recorder = None
+                await asyncio.to_thread(store.close)
 
     app = FastAPI(title="e3rl", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server of the e3rl engine.")
     app.state.settings = settings
     app.state.started_at = int(time.time())
     app.state.engine = None
-    app.state.metrics = Metrics(settings.model_name, lambda: app.state.engine)
+    app.state.store = None
+    app.state.recorder = None
+    app.state.weights_lock = asyncio.Lock()
+    app.state.metrics = Metrics(settings.model_name, lambda: app.state.engine,
+                                lambda: app.state.store)
     if engine is not None:
         _attach(app, engine)
     install_error_handlers(app)
-    for module in (completions, chat, models, tokenize, health):
+    for module in (completions, chat, models, tokenize, health, trajectories, admin):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
                        on_reject=lambda: app.state.metrics.record_error(413))
     return app
+
+
+def open_store(settings: Settings) -> TrajectoryStore | None:
+    """The trajectory store in ``settings.data_dir``. With ``--store none`` an existing
+    store is still opened, read-only in effect (its records stay pullable), and none is
+    created."""
+    if settings.store == "none" and not settings.store_path.exists():
+        return None
+    return TrajectoryStore(settings.store_path, mode=settings.store,
+                           max_queue=settings.store_max_queue,
+                           retention_rows=settings.store_retention_rows,
+                           retention_age_s=settings.store_retention_age_s,
+                           synchronous=settings.store_synchronous)
 
 
 def _attach(app: FastAPI, engine: AsyncEngine) -> None:

@@ -34,6 +34,20 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env E3RL_API_KEY)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (413 above)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--data-dir", "data_dir", str, "trajectory store directory (default ./e3rl-data)"),
+    ("--store", "store", str, "trajectories to store: all | erasures | none (default all)"),
+    ("--store-retention-rows", "store_retention_rows", int, "keep at most N newest "
+     "trajectories"),
+    ("--store-retention-age-s", "store_retention_age_s", float, "delete trajectories older "
+     "than S seconds"),
+    ("--store-max-queue", "store_max_queue", int, "store writer queue bound; past it "
+     "records are dropped and counted"),
+    ("--store-wait-s", "store_wait_s", float, "longest a response waits for its "
+     "trajectory's commit (default 5)"),
+    ("--store-synchronous", "store_synchronous", str, "SQLite synchronous: FULL | NORMAL"),
+    ("--admin-key", "admin_key", str, "key of the admin routes (env E3RL_ADMIN_KEY); unset: "
+     "admin routes are off"),
+    ("--checkpoint-dir", "checkpoint_dir", str, "directory weight updates must load from"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the app's engine, settings and metrics (tests override them)."""
+"""FastAPI dependencies: the app's engine, settings, metrics and trajectory store (tests
+override them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from e3rl.engine.async_engine import AsyncEngine
 from e3rl.engine.errors import EngineDead
 
 from .metrics import Metrics
+from .recorder import TrajectoryRecorder
 from .settings import Settings
+from .trajectory_store import TrajectoryStore
 
 
 def get_engine(request: Request) -> AsyncEngine:
@@ -24,3 +27,12 @@ def get_settings(request: Request) -> Settings:
 
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+def get_store(request: Request) -> TrajectoryStore | None:
+    """The trajectory store; None when ``--store none`` and no store file exists."""
+    return getattr(request.app.state, "store", None)
+
+
+def get_recorder(request: Request) -> TrajectoryRecorder | None:
+    return getattr(request.app.state, "recorder", None)

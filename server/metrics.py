@@ -33,7 +33,10 @@ METRIC_NAMES = (
     "e3rl_kv_cache_usage_ratio", "e3rl_kv_cache_blocks", "e3rl_kv_cache_free_blocks",
     "e3rl_preemptions_total", "e3rl_weights_version", "e3rl_engine_alive",
     "e3rl_erasures_total", "e3rl_erased_tokens_total", "e3rl_segments_total",
-    "e3rl_recomputed_tokens_total",
+    "e3rl_recomputed_tokens_total", "e3rl_trajectories_written_total",
+    "e3rl_trajectories_dropped_total", "e3rl_trajectories_failed_total",
+    "e3rl_trajectories_queued", "e3rl_trajectory_commit_wait_seconds",
+    "e3rl_trajectory_commit_timeouts_total",
 )
 
 
@@ -90,6 +93,33 @@ class EngineCollector(Collector):
                     1.0 if engine.is_alive else 0.0)
 
 
+class StoreCollector(Collector):
+    """The trajectory store's counters, read at scrape time (zeros when there is no store:
+    the series exist whatever the configuration, for dashboards and alerts)."""
+
+    def __init__(self, model: str, get_store: Callable[[], Any]):
+        self.model = model
+        self.get_store = get_store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.get_store()
+        m = [self.model]
+        for name, doc, attr in (
+                ("e3rl_trajectories_written", "Trajectories committed to the store.",
+                 "num_written"),
+                ("e3rl_trajectories_dropped", "Trajectories not stored because the writer's "
+                 "queue was full or the store closed.", "num_dropped"),
+                ("e3rl_trajectories_failed", "Trajectories whose write failed (database "
+                 "error or unserialisable record).", "num_failed")):
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            c.add_metric(m, getattr(store, attr, 0) if store is not None else 0)
+            yield c
+        g = GaugeMetricFamily("e3rl_trajectories_queued", "Trajectories waiting for the "
+                              "store's writer.", labels=["model"])
+        g.add_metric(m, store.queue_size if store is not None else 0)
+        yield g
+
+
 def _as_number(version: str) -> float:
     try:
         return float(version)
@@ -100,7 +130,8 @@ def _as_number(version: str) -> float:
 class Metrics:
     """The server's Prometheus registry (one per app, so tests can run many apps)."""
 
-    def __init__(self, model: str, get_engine: Callable[[], Any]):
+    def __init__(self, model: str, get_engine: Callable[[], Any],
+                 get_store: Callable[[], Any] = lambda: None):
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
@@ -127,6 +158,12 @@ class Metrics:
                                      ["model"], registry=r)
         self.segments = Counter("e3rl_segments", "Segments accepted in finished outputs.",
                                 ["model"], registry=r)
+        self.trajectory_wait = Histogram(
+            "e3rl_trajectory_commit_wait_seconds", "Time a finished request's response waited "
+            "for its trajectory's commit.", ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.trajectory_timeouts = Counter(
+            "e3rl_trajectory_commit_timeouts", "Responses released before their trajectory's "
+            "commit because the wait timed out (--store-wait-s).", ["model"], registry=r)
         # Label children resolved once: labels() costs ~20 us, and this runs per token.
         self._ttft, self._itl = self.ttft.labels(model), self.itl.labels(model)
         self._e2e, self._queue = self.e2e.labels(model), self.queue.labels(model)
@@ -135,7 +172,10 @@ class Metrics:
         self._segments = self.segments.labels(model)
         self._finished = {reason: self.requests.labels(model, reason)
                           for reason in ("stop", "length", "abort")}
+        self._trajectory_wait = self.trajectory_wait.labels(model)
+        self._trajectory_timeouts = self.trajectory_timeouts.labels(model)
         r.register(EngineCollector(model, get_engine))
+        r.register(StoreCollector(model, get_store))
 
     # -- recording (front end, event loop thread) ----------------------------------------
     def record_error(self, status: int) -> None:
@@ -166,6 +206,12 @@ class Metrics:
         per_token = interval_s / num_tokens
         for _ in range(num_tokens):
             self._itl.observe(per_token)
+
+    def record_trajectory_wait(self, wait_s: float) -> None:
+        self._trajectory_wait.observe(max(0.0, wait_s))
+
+    def record_trajectory_timeout(self) -> None:
+        self._trajectory_timeouts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -256,6 +256,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "e3rl"
     max_model_len: int
+    weight_version: str  # the version of the weights being served (POST /v1/admin/weights)
 
 
 class ModelList(BaseModel):
@@ -287,6 +288,24 @@ class DetokenizeRequest(_Strict):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# -- admin ---------------------------------------------------------------------------------
+class WeightUpdateRequest(_Strict):
+    """A checkpoint directory (inside --checkpoint-dir) and the version it becomes."""
+
+    path: StrictStr = Field(min_length=1)
+    version: StrictStr = Field(min_length=1, max_length=128)
+
+
+class WeightUpdateResponse(BaseModel):
+    object: Literal["weight_update"] = "weight_update"
+    version: str
+    previous_version: str
+    path: str
+    num_tensors: int
+    load_s: float  # reading and validating the checkpoint (off the engine thread)
+    swap_s: float  # the engine paused between two steps to copy the tensors
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ streaming their deltas, recording their metrics, and aborting them when the clie
 
 An HTTP request with ``k`` prompts becomes ``k`` engine requests. One pump task per engine
 request moves its deltas into a queue; closing the ``Generation`` cancels the pumps, which
-closes the engine streams, which aborts the engine requests and frees their KV blocks.
+closes the engine streams, which aborts the engine requests and frees their KV blocks. With a
+trajectory recorder, a pump holds its request's last delta until the request's trajectories
+are committed (bounded wait), so neither a response nor a stream's final chunk of a request
+goes out before its trajectory is durable. Aborted requests are not recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from e3rl.engine.outputs import RequestOutput, merge_delta
 from .errors import APIError, to_api_error
 from .metrics import Metrics
 from .protocol import error_body
+from .recorder import TrajectoryRecorder
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -55,11 +59,16 @@ class ClientDisconnected(Exception):
 class Generation:
     """The engine requests of one HTTP request, their deltas, and their metrics."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, requests: list[EngineRequest]):
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, requests: list[EngineRequest],
+                 recorder: TrajectoryRecorder | None = None):
         self.engine = engine
         self.metrics = metrics
         self.requests = requests
+        self.recorder = recorder if recorder is not None and recorder.is_active else None
         self.arrival_s = time.monotonic()
+        # Per prompt, its deltas merged (when a consumer or the recorder needs them whole).
+        self.results: list[RequestOutput | None] = [None] * len(requests)
+        self._accumulate = self.recorder is not None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._tasks: list[asyncio.Task] = []
@@ -69,13 +78,22 @@ class Generation:
         self._got_token = [False] * len(requests)
         self._last_token_s: dict[tuple[int, int], float] = {}
 
-    def start(self) -> None:
+    def start(self, accumulate: bool = False) -> None:
+        """Start the engine requests; ``accumulate``: keep each prompt's merged output in
+        ``results`` (always done when trajectories are recorded)."""
+        self._accumulate = self._accumulate or accumulate
         self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self.requests)]
 
     async def _pump(self, i: int, r: EngineRequest) -> None:
         try:
             async for delta in self.engine.generate(r.request_id, r.prompt, r.params):
                 self._observe(i, delta)
+                if self._accumulate:
+                    self.results[i] = merge_delta(self.results[i], delta)
+                    # A finished request's last delta (its final stream chunk, or the whole
+                    # response) is released only once its trajectory is committed.
+                    if delta.finished and self.recorder is not None:
+                        await self.recorder.record(self.results[i], r.params)
                 self._queue.put_nowait((i, delta))
         except Exception as exc:  # delivered to the consumer, which raises it
             self._finished[i] = True  # refused or failed: nothing left to abort
@@ -160,11 +178,12 @@ class Generation:
                 yield batch
 
     async def collect(self) -> list[RequestOutput]:
-        """Everything, merged: one full ``RequestOutput`` per prompt."""
-        acc: list[RequestOutput | None] = [None] * len(self.requests)
-        async for i, delta in self.deltas():
-            acc[i] = merge_delta(acc[i], delta)
-        return acc  # type: ignore[return-value]
+        """Everything, merged: one full ``RequestOutput`` per prompt (``start`` must have
+        been told to accumulate)."""
+        assert self._accumulate
+        async for _ in self.deltas():
+            pass
+        return self.results  # type: ignore[return-value]
 
     def close(self) -> None:
         """Abort what is still running (the engine frees its blocks); idempotent."""
@@ -204,7 +223,7 @@ async def run_generation(request: Request, gen: Generation,
     """Start ``gen``. Streaming: wait for every prompt's first delta and return None (the SSE
     body takes over, and closes ``gen``). Otherwise: return everything, merged. Engine errors
     and ``ClientDisconnected`` propagate, with the engine requests aborted."""
-    gen.start()
+    gen.start(accumulate=not stream)
     try:
         if stream:
             await until_disconnect(request, gen.prime())

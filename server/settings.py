@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from e3rl.engine import EngineConfig
@@ -17,6 +18,8 @@ from e3rl.engine import EngineConfig
 # The bundled model, trained by ``e3rl train`` into the repository's models/ folder.
 DEFAULT_MODEL_NAME = "arith-chain"
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME
+# The trajectory store's file, inside --data-dir.
+STORE_FILE_NAME = "trajectories.sqlite3"
 
 
 def default_num_threads() -> int:
@@ -72,6 +75,33 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug | info | warning | error")
     access_log: bool = Field(True, description="log one line per HTTP request (no bodies)")
 
+    # -- trajectory store and admin API -------------------------------------------------
+    data_dir: Path = Field(Path("e3rl-data"), description="where the trajectory store "
+                           f"lives ({STORE_FILE_NAME}); relative paths from the working "
+                           "directory")
+    store: Literal["all", "erasures", "none"] = Field(
+        "all", description="which finished requests' trajectories are stored: all, only those "
+        "with at least one erasure, or none")
+    store_retention_rows: int | None = Field(None, ge=1, description="keep at most this many "
+                                             "newest trajectories (default: all)")
+    store_retention_age_s: float | None = Field(None, gt=0, description="delete trajectories "
+                                                "older than this many seconds (default: never)")
+    store_max_queue: int = Field(10_000, ge=1, description="trajectories waiting for the "
+                                 "store's writer; past it they are dropped and counted, a "
+                                 "request never blocks")
+    store_wait_s: float = Field(5.0, gt=0, description="longest a response waits for its "
+                                "trajectory's commit before it is released anyway (logged "
+                                "and counted)")
+    store_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite synchronous mode: FULL survives machine crashes, NORMAL "
+        "only process crashes (faster where fsync is slow)")
+    admin_key: SecretStr | None = Field(None, description="key of the admin routes "
+                                        "(/v1/trajectories, /v1/admin/*), separate from the "
+                                        "API key; unset: the admin routes are off (404)")
+    checkpoint_dir: Path | None = Field(None, description="directory that weight updates "
+                                        "must load from (POST /v1/admin/weights); unset: "
+                                        "weight updates are refused")
+
     @field_validator("healing")
     @classmethod
     def _valid_healing(cls, value: dict) -> dict:
@@ -84,10 +114,23 @@ class Settings(BaseSettings):
             raise ValueError(f"healing: {exc}") from None
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _separate_admin_key(self) -> "Settings":
+        # The admin key can swap the weights and read every stored prompt: a client that
+        # holds the API key must not hold it too.
+        if (self.admin_key is not None and self.api_key is not None
+                and self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
+            raise ValueError("admin_key must differ from api_key")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / STORE_FILE_NAME
 
     @property
     def model_path(self) -> Path:

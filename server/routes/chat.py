@@ -12,11 +12,12 @@ from e3rl.engine import InvalidRequest, RequestOutput
 from e3rl.engine.async_engine import AsyncEngine
 
 from ..auth import require_api_key
-from ..deps import get_engine, get_metrics, get_settings
+from ..deps import get_engine, get_metrics, get_recorder, get_settings
 from ..logprobs import TokenText, chat_logprobs, engine_logprobs
 from ..metrics import Metrics
 from ..protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                         ChatCompletionResponse, ChatMessage, Usage)
+from ..recorder import TrajectoryRecorder
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
                        check_model, error_event, fingerprint, new_id, room_after,
                        run_generation, sse)
@@ -60,11 +61,13 @@ def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
 async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                                  engine: AsyncEngine = Depends(get_engine),
                                  metrics: Metrics = Depends(get_metrics),
-                                 settings: Settings = Depends(get_settings)):
+                                 settings: Settings = Depends(get_settings),
+                                 recorder: TrajectoryRecorder | None = Depends(get_recorder)):
     check_model(req.model, settings.model_name)
     req.check_supported(settings.max_n)
     request_id = new_id("chatcmpl")
-    gen = Generation(engine, metrics, [_engine_request(req, engine, request_id, settings.healing)])
+    gen = Generation(engine, metrics,
+                     [_engine_request(req, engine, request_id, settings.healing)], recorder)
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

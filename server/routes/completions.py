@@ -12,11 +12,12 @@ from e3rl.engine import InvalidRequest, RequestOutput
 from e3rl.engine.async_engine import AsyncEngine
 
 from ..auth import require_api_key
-from ..deps import get_engine, get_metrics, get_settings
+from ..deps import get_engine, get_metrics, get_recorder, get_settings
 from ..logprobs import (TokenText, completion_logprobs, engine_logprobs,
                         merge_completion_logprobs)
 from ..metrics import Metrics
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from ..recorder import TrajectoryRecorder
 from ..serving import (SSE_DONE, ClientDisconnected, EngineRequest, Generation, SSEResponse,
                        check_model, error_event, fingerprint, healing_extension, new_id,
                        room_after, run_generation, sse)
@@ -82,10 +83,12 @@ def _engine_requests(req: CompletionRequest, engine: AsyncEngine, request_id: st
 async def create_completion(req: CompletionRequest, request: Request,
                             engine: AsyncEngine = Depends(get_engine),
                             metrics: Metrics = Depends(get_metrics),
-                            settings: Settings = Depends(get_settings)):
+                            settings: Settings = Depends(get_settings),
+                            recorder: TrajectoryRecorder | None = Depends(get_recorder)):
     _check(req, settings)
     request_id = new_id("cmpl")
-    gen = Generation(engine, metrics, _engine_requests(req, engine, request_id, settings))
+    gen = Generation(engine, metrics, _engine_requests(req, engine, request_id, settings),
+                     recorder)
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

@@ -3,7 +3,10 @@ client against the ASGI app, and live uvicorn servers on random loopback ports."
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
@@ -23,9 +26,15 @@ ENGINE_OPTIONS = dict(dtype="float32", block_size=16, num_kv_blocks=256, max_num
                       num_threads=torch.get_num_threads())
 
 
+# Every app of the session keeps its trajectory store in its own folder under one temporary
+# root (never in the working directory), removed when the session ends.
+DATA_ROOT = tempfile.mkdtemp(prefix="e3rl-test-data-")
+atexit.register(shutil.rmtree, DATA_ROOT, ignore_errors=True)
+
+
 def make_settings(model_dir, **overrides) -> Settings:
     options = {**ENGINE_OPTIONS, "model": str(model_dir), "served_model_name": "tiny",
-               **overrides}
+               "data_dir": tempfile.mkdtemp(dir=DATA_ROOT), **overrides}
     return Settings(**options)
 
 

@@ -77,10 +77,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_process_end_to_end(tiny_model):
+def test_serve_process_end_to_end(tiny_model, tmp_path):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "E3RL_NUM_KV_BLOCKS": "64",
-           "E3RL_API_KEY": "k"}
+           "E3RL_API_KEY": "k", "E3RL_DATA_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "e3rl.server.cli", "serve", "--model",
                              str(tiny_model), "--port", str(port), "--no-access-log"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
