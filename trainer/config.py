@@ -25,7 +25,8 @@ class SftConfig:
     out_dir: str = _f("", "Directory to write the trained model (safetensors, tokenizer, "
                           "train_log.jsonl, loss_curve.png, sft_config.json).")
     seed: int = _f(0, "Seed of the initial weights, the training problems and their order.")
-    num_steps: int = _f(600, "Number of optimizer steps; the run stops here.")
+    num_steps: int = _f(1125, "Number of optimizer steps; the run stops here (1125: the "
+                                "bundled models/arith-chain).")
     batch_size: int = _f(64, "Problems per optimizer step.")
     lr: float = _f(1e-3, "Peak learning rate, reached after warm-up.")
     min_lr_ratio: float = _f(1.0, "Final learning rate as a fraction of lr, reached by cosine "

@@ -39,12 +39,16 @@ def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> P
                     color="tab:green", label="validation teacher-forced exact")
         acc_ax.set_ylim(0, 1)
         acc_ax.set_ylabel("fraction of solutions exactly right")
-        acc_ax.legend(loc="center right", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        acc_handles, acc_labels = acc_ax.get_legend_handles_labels()
+        acc_ax.legend(handles + acc_handles, labels + acc_labels, loc="upper center",
+                      fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per solution token (nats)")
     ax.set_title(title or "SFT loss")
-    ax.legend(loc="upper right", fontsize=8)
+    if not evals:
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)

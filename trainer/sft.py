@@ -119,6 +119,48 @@ def evaluate_teacher_forced(model: PreTrainedModel, tokenizer: object,
             "val_seq_acc": num_exact / len(problems)}
 
 
+class _RunLog:
+    """The run's records: kept in memory for the loss curve, appended to train_log.jsonl."""
+
+    def __init__(self, path: Path):
+        self.records: list[dict] = []
+        self._file = path.open("w")
+        self._start_s = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._start_s
+
+    def add(self, record: dict, flush: bool = False) -> None:
+        record["elapsed_s"] = round(self.elapsed_s, 3)
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        if flush:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, batch: dict[str, torch.Tensor],
+                grad_clip: float) -> dict:
+    """One optimizer step on the token-mean solution NLL; returns the step's train record."""
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    nll, mask = token_losses(logits, batch["labels"])  # [B, T-1]
+    loss = nll.sum() / mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return {"event": "train", "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+            "num_tokens": int(mask.sum())}
+
+
 def train_sft(config: SftConfig) -> SftResult:
     """Run supervised training as ``config`` says and save the model to ``config.out_dir``."""
     torch.set_num_threads(config.num_threads)
@@ -128,7 +170,6 @@ def train_sft(config: SftConfig) -> SftResult:
     eval_problems = list(itertools.islice(
         iter_problems("validation", _EVAL_SEED, config.task_config(), unique=True),
         config.num_eval_problems))
-    records: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer = _load_model(config, Path(scratch))
     model.to(config.device)
@@ -138,53 +179,33 @@ def train_sft(config: SftConfig) -> SftResult:
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     model.train()
-    start_s = time.perf_counter()
-    loss_value = float("nan")
-    log_file = (out_dir / LOG_FILE).open("w")
+    log = _RunLog(out_dir / LOG_FILE)
     try:
-        bar = tqdm(range(config.num_steps), desc="sft", disable=not config.progress)
+        bar = tqdm(range(1, config.num_steps + 1), desc="sft", disable=not config.progress)
         for step, problems in zip(bar, _batches(config)):
             batch = {k: v.to(config.device) for k, v in collate(tokenizer, problems).items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-            nll, mask = token_losses(logits, batch["labels"])  # [B, T-1]
-            loss = nll.sum() / mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step + 1}")
-            record = {"event": "train", "step": step + 1, "loss": loss_value,
-                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                      "num_tokens": int(mask.sum()),
-                      "elapsed_s": round(time.perf_counter() - start_s, 3)}
-            records.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            is_last = step + 1 == config.num_steps
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
-                    and not is_last:
-                _save(model, tokenizer, out_dir / f"checkpoint-{step + 1}")
-            if is_last or (config.eval_every and (step + 1) % config.eval_every == 0):
+            record = _train_step(model, optimizer, scheduler, batch, config.grad_clip)
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss became {record['loss']} at step {step}")
+            log.add({"step": step, **record})
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            is_last = step == config.num_steps
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and not is_last:
+                _save(model, tokenizer, out_dir / f"checkpoint-{step}")
+            if is_last or (config.eval_every and step % config.eval_every == 0):
                 metrics = evaluate_teacher_forced(model, tokenizer, eval_problems)
-                record = {"event": "eval", "step": step + 1, **metrics,
-                          "elapsed_s": round(time.perf_counter() - start_s, 3)}
-                records.append(record)
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                logger.info("step %d: loss %.4f, val loss %.4f, val exact %.3f", step + 1,
-                            loss_value, metrics["val_loss"], metrics["val_seq_acc"])
+                log.add({"event": "eval", "step": step, **metrics}, flush=True)
+                logger.info("step %d: loss %.4f, val loss %.4f, val exact %.3f", step,
+                            record["loss"], metrics["val_loss"], metrics["val_seq_acc"])
     finally:
-        log_file.close()
-    wall_s = time.perf_counter() - start_s
+        log.close()
+    wall_s = log.elapsed_s
     _save(model, tokenizer, out_dir)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    plot_loss_curve(records, out_dir / CURVE_FILE,
+    plot_loss_curve(log.records, out_dir / CURVE_FILE,
                     title=f"SFT arith-chain, seed {config.seed}, {config.num_steps} steps")
     logger.info("SFT done in %.1f s; model saved to %s", wall_s, out_dir)
-    return SftResult(out_dir=out_dir, num_params=num_params, final_loss=loss_value,
-                     final_eval=records[-1], wall_s=wall_s)
+    train_records = [r for r in log.records if r["event"] == "train"]
+    return SftResult(out_dir=out_dir, num_params=num_params,
+                     final_loss=train_records[-1]["loss"], final_eval=log.records[-1],
+                     wall_s=wall_s)
