@@ -39,7 +39,8 @@ def fail(message: str) -> NoReturn:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``data`` and ``train`` to the console script's subcommands."""
+    """Add ``data``, ``train``, ``eval`` and ``calibrate`` to the console script's
+    subcommands."""
     data = subparsers.add_parser("data", help="Write a task's data set as JSONL.")
     tasks = data.add_subparsers(dest="task", metavar="TASK", required=True,
                                 parser_class=OneLineArgumentParser)
@@ -65,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(sft, SftConfig, required=("out_dir",))
     sft.set_defaults(func=run_train_sft)
+    from . import eval_cli
+
+    eval_cli.register(subparsers)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_type: type,

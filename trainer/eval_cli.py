@@ -92,19 +92,18 @@ def run_eval(args) -> int:
 
         llm = LLM(args.model)
 
-    def run(settings: EvalSettings) -> dict:
+    def run(settings: EvalSettings):
         if llm is not None:
             result = evaluate_in_process(llm, problems, settings)
         else:
             result = evaluate_over_http(args.url, args.served_model, problems, settings,
                                         api_key=args.api_key, concurrency=args.concurrency,
                                         retries=args.retries)
-        report = result.report()
-        report["data"] = args.data
-        return report
+        result.extra["data"] = args.data
+        return result
 
     if not args.compare:
-        report = run(base)
+        report = run(base).report()
         _print_table([("healing" if base.healing is not None else "sampling", report)])
         _print_steps(report)
     else:
@@ -115,17 +114,28 @@ def run_eval(args) -> int:
 
 
 def compare(run, base: EvalSettings, heal: dict) -> dict:
-    """Plain sampling (pass@1 over 5 samples), healing (1 sample), majority of 3 and 5
-    (subsets of the same 5 samples): same problems, same seeds."""
+    """Plain sampling (pass@1 averaged over 5 samples), healing (1 sample), and majority
+    votes of 3 and 5 of those samples: same problems, same seeds, computed tokens per
+    problem side by side."""
     import dataclasses
 
+    from .evaluate import _majority_correct
+
     plain = run(dataclasses.replace(base, n=5, healing=None))
-    healed = run(dataclasses.replace(base, n=1, healing=heal))
-    rows = [("sampling", {**plain, "tokens_computed": plain["tokens_computed"] / 5}),
-            ("healing", healed),
-            ("majority@5", {**plain, "pass@1": plain["maj@n"]})]
-    _print_table(rows, reference=rows[0][1]["tokens_computed"])
-    return {"sampling": plain, "healing": healed}
+    healed = run(dataclasses.replace(base, n=1, healing=heal)).report()
+    plain_report = plain.report()
+    per_sample = plain_report["tokens_computed"] / 5
+    rows = [("sampling", {**plain_report, "tokens_computed": per_sample}), ("healing", healed)]
+    for k in (3, 5):
+        maj = sum(_majority_correct(per[:k]) for per in plain.samples) / len(plain.samples)
+        rows.append((f"majority@{k}", {**plain_report, "pass@1": maj, "maj@n": maj,
+                                       "tokens_computed": per_sample * k}))
+    _print_table(rows, reference=per_sample)
+    return {"table": [{"method": name, "pass@1": r["pass@1"],
+                       "tokens_computed": r["tokens_computed"],
+                       "computed_ratio": r["tokens_computed"] / per_sample,
+                       "erasures_per_sample": r["erasures_per_sample"]} for name, r in rows],
+            "sampling": plain_report, "healing": healed}
 
 
 def _print_table(rows, reference: float | None = None) -> None:
@@ -135,6 +145,9 @@ def _print_table(rows, reference: float | None = None) -> None:
         print(f"{name:<12} {100 * r['pass@1']:7.1f}% {100 * r['maj@n']:7.1f}% "
               f"{r['tokens_computed']:>10.0f} {r['tokens_computed'] / ref:6.2f} "
               f"{r['erasures_per_sample']:9.2f}")
+    if len(rows) > 1:
+        print("(pass@1 per sample; majority@k: the vote of the first k of the 5 plain samples;"
+              " x: computed tokens relative to one plain sample)")
 
 
 def _print_steps(report: dict) -> None:
