@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from .cli import fail
 from .datasets import DataError, load_problems
 from .evaluate import EvalSettings, evaluate_in_process, evaluate_over_http
 
@@ -70,7 +71,7 @@ def _problems(args):
         return load_problems(args.data, limit=args.limit, question_column=args.question_column,
                              answer_column=args.answer_column, prompt_format=args.prompt_format)
     except DataError as exc:
-        raise SystemExit(f"e3rl: error: {exc}") from None
+        fail(str(exc))
 
 
 def healing_options(args) -> dict:
@@ -174,7 +175,7 @@ def run_calibrate(args) -> int:
 
     problems = [p for p in _problems(args) if p.task == "arith"]
     if not problems:
-        raise SystemExit("e3rl: error: calibration needs arith-chain problems (step labels)")
+        fail("calibration needs arith-chain problems (step labels)")
     llm = LLM(args.model)
     thresholds = {}
     for temperature in [float(t) for t in args.temperatures.split(",")]:
@@ -194,7 +195,7 @@ def run_calibrate(args) -> int:
                     scores.append(record[args.score] if args.score in record else None)
         scores = [s for s in scores if s is not None]
         if not scores:
-            raise SystemExit(f"e3rl: error: no correct steps at temperature {temperature}")
+            fail(f"no correct steps at temperature {temperature}")
         thresholds[f"{temperature:.2f}"] = float(np.quantile(scores, args.quantile))
         print(f"T={temperature}: {len(scores)} correct steps, p{100 * args.quantile:g} "
               f"{args.score} = {thresholds[f'{temperature:.2f}']:.4f}")
