@@ -41,6 +41,28 @@ def test_flags_beat_env_and_env_beats_defaults(monkeypatch, captured, tiny_model
     assert config.num_threads >= 1
 
 
+def test_store_and_admin_flags(monkeypatch, captured, tiny_model, tmp_path):
+    monkeypatch.setenv("E3RL_ADMIN_KEY", "adm")
+    assert cli.main(["serve", "--model", str(tiny_model), "--data-dir", str(tmp_path),
+                     "--store", "erasures", "--store-retention-rows", "100",
+                     "--store-retention-age-s", "3600", "--store-max-queue", "50",
+                     "--store-wait-s", "2", "--store-synchronous", "NORMAL",
+                     "--checkpoint-dir", str(tmp_path / "ckpts")]) == 0
+    s = captured[0][0].state.settings
+    assert s.store_path == tmp_path / "trajectories.sqlite3" and s.store == "erasures"
+    assert (s.store_retention_rows, s.store_retention_age_s) == (100, 3600.0)
+    assert (s.store_max_queue, s.store_wait_s, s.store_synchronous) == (50, 2.0, "NORMAL")
+    assert s.admin_key.get_secret_value() == "adm" and s.checkpoint_dir == tmp_path / "ckpts"
+
+
+def test_bad_store_mode_is_one_clear_line(captured, capsys, tiny_model):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", str(tiny_model), "--store", "some"])
+    assert info.value.code == 2 and not captured
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("e3rl: error: --store:")
+
+
 def test_missing_bundled_model_is_one_clear_line(monkeypatch, captured, capsys, tmp_path):
     monkeypatch.delenv("E3RL_MODEL", raising=False)
     monkeypatch.setattr(settings_module, "DEFAULT_MODEL_PATH", tmp_path / "arith-chain")
