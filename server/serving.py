@@ -90,6 +90,8 @@ class Generation:
                 self._observe(i, delta)
                 if self._accumulate:
                     self.results[i] = merge_delta(self.results[i], delta)
+                    # The version of the newest tokens (weights may be swapped mid-request).
+                    self.results[i].weight_version = delta.weight_version
                     # A finished request's last delta (its final stream chunk, or the whole
                     # response) is released only once its trajectory is committed.
                     if delta.finished and self.recorder is not None:

@@ -211,15 +211,18 @@ def test_swap_under_streaming_load(server, checkpoints):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             tasks = [asyncio.create_task(_stream(client, p, c)) for p, c in zip(prompts, chunks)]
+            whole = [asyncio.create_task(client.post("/v1/completions", json={
+                "prompt": f"whole {i}:", "max_tokens": NUM_LOAD_TOKENS, "temperature": 0,
+                "ignore_eos": True})) for i in range(2)]
             # Swap once every stream is under way (a few tokens in, far from done).
             while not all(len(c) >= 3 for c in chunks):
                 await asyncio.sleep(0.005)
             r = await client.post("/v1/admin/weights", json={"path": "new", "version": "2"},
                                   headers=ADMIN)
             await asyncio.gather(*tasks)
-            return r
+            return r, await asyncio.gather(*whole)
 
-    r = asyncio.run(main())
+    r, whole = asyncio.run(main())
     assert r.status_code == 200, r.text
     assert r.json()["version"] == "2" and r.json()["previous_version"] == "0"
     assert served_version(server.url) == "2"
@@ -245,6 +248,14 @@ def test_swap_under_streaming_load(server, checkpoints):
         assert record["weight_version"] == "2"
         assert record["num_output_tokens"] == NUM_LOAD_TOKENS
         generated[prompt] = (record["prompt_token_ids"], record["output_token_ids"], num_old)
+
+    for response in whole:  # non-streamed: the version of its newest tokens
+        assert response.status_code == 200
+        record = records[f"{response.json()['id']}-0:0"]
+        assert response.json()["system_fingerprint"] == f"e3rl-w{record['weight_version']}"
+        assert record["weight_versions"][-1][1] == record["weight_version"] == "2"
+        generated[record["id"]] = (record["prompt_token_ids"], record["output_token_ids"],
+                                   record["weight_versions"][-1][0])
 
     # Every token generated after the swap is the new weights' greedy choice given the
     # whole prefix (its KV was recomputed with the new weights).
