@@ -2,7 +2,8 @@
 
 1. After a 1,000-token prefix: generate 32 tokens normally; erase those 32 tokens and
    regenerate 32 (only the last kept token and the 32 new ones are computed); restart from
-   the prompt (recompute the prefix, then 32 tokens). Ratios against the normal 32 tokens.
+   the prompt: with the prefix as the prompt (prefill it again, then 32 tokens), and with
+   the prefix generated (sample all 1,032 tokens again).
 2. Throughput of a mixed workload with healing on but a threshold that is never reached, vs
    healing off, in the same run.
 
@@ -33,7 +34,16 @@ def _decode(engine, seq, num_tokens):
     return time.perf_counter() - t0
 
 
+def _run_to_end(engine):
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0
+
+
 def erase_cost(llm, prefix_len=1000, seg=32, repeats=3):
+    """Prefix = a 1,000-token prompt: 32 new tokens; erase them and regenerate 32; restart
+    (prefill the prefix again, then 32 tokens)."""
     engine = llm.engine
     prompt = [(7 * i) % 30000 + 4 for i in range(prefix_len)]
     normal, erase, restart = [], [], []
@@ -50,11 +60,29 @@ def erase_cost(llm, prefix_len=1000, seg=32, repeats=3):
         engine.abort(rid)
         engine.add_request(rid, prompt, SamplingParams(temperature=1.0, seed=r, max_tokens=seg,
                                                        ignore_eos=True))
-        t0 = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-        restart.append(time.perf_counter() - t0)
+        restart.append(_run_to_end(engine))
     return min(normal), min(erase), min(restart)
+
+
+def erase_vs_resample(llm, prompt_len=24, generated=1000, seg=32):
+    """Prefix = a short prompt + 1,000 generated tokens (a long reasoning chain): erasing the
+    last 32 tokens and regenerating them vs sampling the whole sequence again from the
+    prompt (what rejection sampling or a restart costs)."""
+    engine = llm.engine
+    prompt = [(11 * i) % 30000 + 4 for i in range(prompt_len)]
+    engine.add_request("long", prompt, SamplingParams(temperature=1.0, seed=1,
+                                                      max_tokens=generated + 2 * seg,
+                                                      ignore_eos=True))
+    seq = engine.requests["long"].seqs[0]
+    _decode(engine, seq, generated + seg)
+    t0 = time.perf_counter()
+    engine.scheduler.truncate(seq, seq.num_output_tokens - seg)
+    erase = time.perf_counter() - t0 + _decode(engine, seq, seg)
+    engine.abort("long")
+    engine.add_request("again", prompt, SamplingParams(temperature=1.0, seed=2,
+                                                       max_tokens=generated + seg,
+                                                       ignore_eos=True))
+    return erase, _run_to_end(engine)
 
 
 def never_triggered(llm, work):
@@ -82,6 +110,11 @@ def main() -> None:
     print(f"[{args.dtype}] after a 1000-token prefix: 32 tokens {normal:.3f} s; erase + regenerate "
           f"32 {erase:.3f} s ({erase / normal:.2f}x); restart from the prompt {restart:.3f} s "
           f"({restart / erase:.1f}x the erase)  ({load.note()})")
+    with LoadMonitor() as load:
+        erase, resample = erase_vs_resample(llm)
+    print(f"[{args.dtype}] after a 24-token prompt + 1000 generated tokens: erase + regenerate "
+          f"32 {erase:.3f} s; resample all 1032 tokens from the prompt {resample:.1f} s "
+          f"({resample / erase:.0f}x the erase)  ({load.note()})")
     work = mixed_workload(args.num_requests, output_range=(16, 128))
     with LoadMonitor() as load:
         off, on = never_triggered(llm, work)
