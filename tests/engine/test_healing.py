@@ -133,3 +133,118 @@ def test_bad_healing_options_are_refused():
     assert info.value.param == "healing.bogus"
     with pytest.raises(InvalidRequest):
         SamplingParams(healing={"score": "median"})
+
+
+class _FakeSeq:
+    """The fields of a Sequence the healer reads."""
+
+    def __init__(self):
+        self.token_ids, self.nll, self.entropy, self.logprobs = [], [], [], []
+        self.num_prompt_tokens = 0
+        self.num_model_tokens = 0
+        self.num_stable_tokens = 0
+        self.erasures, self.segments = [], []
+
+        class _Detok:
+            text = ""
+        self.detokenizer = _Detok()
+
+    @property
+    def num_output_tokens(self):
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self):
+        return self.token_ids
+
+    def add(self, tok, nll):
+        self.token_ids.append(tok)
+        self.nll.append(nll)
+        self.entropy.append(nll)
+        self.logprobs.append(-nll)
+        self.num_model_tokens += 1
+
+    def cut(self, n):
+        for values in (self.token_ids, self.nll, self.entropy, self.logprobs):
+            del values[n:]
+
+
+def _healer(**options):
+    from e3rl.engine.healer import Healer
+
+    params = HealingParams(**{"threshold": 1.0, "min_segment_tokens": 1,
+                              "max_erased_fraction": 1.0, **options})
+    return Healer(params, 1.0, ThresholdEstimator(), max_tokens=100)
+
+
+def _segment(healer, seq, nlls, tok=7):
+    decision = None
+    for k, nll in enumerate(nlls):
+        seq.add(tok, nll)
+        decision = healer.on_token(seq, k == len(nlls) - 1)
+    return decision
+
+
+def test_budget_spent_restores_the_lowest_score_attempt():
+    healer, seq = _healer(max_retries_per_segment=2), _FakeSeq()
+    assert _segment(healer, seq, [3.0, 3.0], tok=1).action == "erase"  # score 3
+    seq.cut(0)
+    assert _segment(healer, seq, [2.0, 2.0], tok=2).action == "erase"  # score 2
+    seq.cut(0)
+    decision = _segment(healer, seq, [5.0, 5.0], tok=3)  # score 5, no retry left
+    assert decision.action == "restore" and decision.restore.token_ids == [2, 2]
+    # The restored attempt is no longer logged as erased; the others are.
+    assert sorted(e.erased_token_ids[0] for e in healer.pending_events) == [1, 3]
+    seq.cut(0)
+    for tok in decision.restore.token_ids:
+        seq.add(tok, 2.0)
+    healer.accept_restored(seq)
+    assert [e.replacement_token_ids for e in seq.erasures] == [[2, 2], [2, 2]]
+    assert seq.segments[0].score == 2.0 and seq.num_stable_tokens == 2
+
+
+def test_budget_spent_keeps_the_current_attempt_when_it_is_best():
+    healer, seq = _healer(max_retries_per_segment=1), _FakeSeq()
+    assert _segment(healer, seq, [3.0, 3.0], tok=1).action == "erase"
+    seq.cut(0)
+    assert _segment(healer, seq, [2.0, 2.0], tok=2) is None  # best so far: accepted
+    assert seq.erasures[0].replacement_token_ids == [2, 2]
+
+
+def test_erasure_budget_per_sequence_and_share():
+    healer, seq = _healer(max_erasures=1, max_retries_per_segment=5), _FakeSeq()
+    assert _segment(healer, seq, [3.0, 3.0]).action == "erase"
+    seq.cut(0)
+    assert _segment(healer, seq, [1.5, 1.5]) is None  # over budget, and best: accepted
+    healer2, seq2 = _healer(max_erased_fraction=0.01), _FakeSeq()
+    assert _segment(healer2, seq2, [3.0, 3.0]) is None  # 2 tokens > 1% of 100
+
+
+def test_ban_top_nll_token_and_hysteresis():
+    healer, seq = _healer(ban_top_nll_token=True), _FakeSeq()
+    seq.add(4, 0.1)
+    healer.on_token(seq, False)
+    seq.add(9, 5.0)
+    assert healer.on_token(seq, True).action == "erase"
+    seq.cut(0)
+    seq.add(4, 0.1)
+    assert healer.banned_token(seq) == 9  # same position as the erased attempt's worst token
+    est = ThresholdEstimator(min_samples=1)
+    for v in range(100):
+        est.observe("mean_nll", 1.0, float(v))
+    from e3rl.engine.healer import Healer
+
+    h = Healer(HealingParams(quantile=0.5, hysteresis=0.2), 1.0, est, max_tokens=100)
+    base = h.threshold()
+    h.attempts.append(None)
+    assert h.threshold() > base  # each retry raises the quantile
+
+
+def test_retry_temperature_lets_greedy_requests_heal(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                            healing={**FORCE, "max_erasures": 3})
+    never = _run(llm, params, ["hello"])[0].outputs[0]
+    assert never.erasures == []  # greedy without a retry temperature: judged, not erased
+    retry = _run(llm, params.clone(healing={**FORCE, "max_erasures": 3,
+                                            "retry_temperature": 1.0}), ["hello"])[0].outputs[0]
+    assert retry.erasures
