@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 
 from e3rl.engine.model_factory import BENCH_QWEN3_100M, build_random_model
@@ -41,13 +46,19 @@ def mixed_workload(num_requests: int = 32, prompt_range=(16, 512), output_range=
 
 
 class LoadMonitor:
-    """CPU used by *other* processes during a run, as a share of all cores. On two cores,
-    another busy process can slow torch by up to 100x: results under load are not comparable."""
+    """CPU used by *other* processes during a run (not this one, not ``pids``, e.g. a server
+    under test), as a share of all cores. On two cores, another busy process can slow torch
+    by up to 100x: results under load are not comparable."""
 
-    def __enter__(self):
-        self._me = psutil.Process()
-        self._sys0, self._me0, self._t0 = self._busy(), self._me.cpu_times(), time.monotonic()
-        return self
+    def __init__(self, *pids: int):
+        self.pids = [os.getpid(), *pids]
+
+    def _ours(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        return total
 
     @staticmethod
     def _busy() -> float:
@@ -55,14 +66,44 @@ class LoadMonitor:
         return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) \
             + getattr(t, "softirq", 0.0)
 
+    def __enter__(self):
+        self._busy0, self._ours0, self._t0 = self._busy(), self._ours(), time.monotonic()
+        return self
+
     def __exit__(self, *exc):
         wall = time.monotonic() - self._t0
-        me = self._me.cpu_times()
-        mine = (me.user - self._me0.user) + (me.system - self._me0.system) \
-            + (me.children_user - self._me0.children_user)
-        self.other_share = max(0.0, (self._busy() - self._sys0 - mine)) / (wall * psutil.cpu_count())
+        other = (self._busy() - self._busy0) - (self._ours() - self._ours0)
+        self.other_share = max(0.0, other) / (wall * psutil.cpu_count())
         return False
 
     def note(self) -> str:
         flag = "  WARNING: machine not quiet" if self.other_share > 0.10 else ""
         return f"other load {100 * self.other_share:.0f}%{flag}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(serve_args: list[str], timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """``e3rl serve SERVE_ARGS --port FREE`` in a subprocess; returns it and its URL once
+    ``/ready`` answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "e3rl.server.cli", "serve", *serve_args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not become ready")
+        time.sleep(0.2)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +30,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_model, mixed_workload  # noqa: E402
+from common import LoadMonitor, bench_model, launch_server, mixed_workload  # noqa: E402
 
 from e3rl.engine import LLM, SamplingParams  # noqa: E402
 
@@ -55,66 +53,13 @@ def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[int, float]:
             for q in qs}
 
 
-class CpuMonitor:
-    """CPU used by processes other than this one and the server, as a share of all cores."""
-
-    def __init__(self, server_pid: int | None = None):
-        self.pids = [os.getpid()] + ([server_pid] if server_pid else [])
-
-    def _ours(self) -> float:
-        total = 0.0
-        for pid in self.pids:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        return total
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) \
-            + getattr(t, "softirq", 0.0)
-
-    def __enter__(self):
-        self._busy0, self._ours0, self._t0 = self._busy(), self._ours(), time.monotonic()
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.monotonic() - self._t0
-        other = (self._busy() - self._busy0) - (self._ours() - self._ours0)
-        self.other_share = max(0.0, other) / (wall * psutil.cpu_count())
-        return False
-
-    def note(self) -> str:
-        flag = "  WARNING: machine not quiet" if self.other_share > 0.10 else ""
-        return f"other load {100 * self.other_share:.0f}%{flag}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "e3rl.server.cli", "serve", "--model", str(args.model),
-           "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.concurrency),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--no-access-log",
-           "--log-level", "warning", "--num-threads", str(args.num_threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not become ready")
-        time.sleep(0.25)
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    return launch_server(["--model", str(args.model), "--dtype", args.dtype,
+                          "--max-num-seqs", str(args.concurrency),
+                          "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                          "--kv-cache-memory-gb", str(args.kv_cache_memory_gb),
+                          "--no-access-log", "--log-level", "warning",
+                          "--num-threads", str(args.num_threads)])
 
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
@@ -239,12 +184,11 @@ def main() -> None:
           f"{args.concurrency}, {total_tokens} output tokens, {args.num_threads} torch "
           f"threads, {psutil.cpu_count()} cores")
 
-    port = free_port()
-    server = start_server(args, port)
+    server, url = start_server(args)
     try:
-        with CpuMonitor(server.pid) as server_load:
-            wall, stats = asyncio.run(run_load(f"http://127.0.0.1:{port}", work.prompts,
-                                               work.output_lens, args.concurrency))
+        with LoadMonitor(server.pid) as server_load:
+            wall, stats = asyncio.run(run_load(url, work.prompts, work.output_lens,
+                                               args.concurrency))
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=60)
@@ -252,11 +196,11 @@ def main() -> None:
     served = total_tokens / wall
     print(f"\nserver  : {served:7.1f} output tok/s  ({wall:.1f} s)  {server_load.note()}")
     if not args.skip_offline:
-        with CpuMonitor() as async_load:
+        with LoadMonitor() as async_load:
             async_wall = run_async_engine(args, work.prompts, work.output_lens)
         print(f"engine  : {total_tokens / async_wall:7.1f} output tok/s  ({async_wall:.1f} s)  "
               f"{async_load.note()}  (AsyncEngine, same closed loop, no HTTP)")
-        with CpuMonitor() as offline_load:
+        with LoadMonitor() as offline_load:
             offline_wall, offline_texts = run_offline(args, work.prompts, work.output_lens)
         same = sum(s.text == t for s, t in zip(stats, offline_texts))
         offline = total_tokens / offline_wall

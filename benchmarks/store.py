@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -44,8 +43,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, bench_model, mixed_workload  # noqa: E402
-from serving import CpuMonitor, free_port, run_load  # noqa: E402
+from common import CACHE, LoadMonitor, bench_model, launch_server, mixed_workload  # noqa: E402
+from serving import run_load  # noqa: E402
 
 from e3rl.engine.model_factory import build_tiny_model  # noqa: E402
 
@@ -58,27 +57,12 @@ def tiny_model() -> Path:
 
 
 def start_server(args, store: str, data_dir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "e3rl.server.cli", "serve", "--model", str(args.model),
-           "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs or args.concurrency),
-           "--num-kv-blocks", str(args.num_kv_blocks), "--no-access-log", "--log-level",
-           "warning", "--num-threads", str(args.num_threads), "--store", store,
-           "--data-dir", data_dir, "--store-synchronous", args.synchronous]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not become ready")
-        time.sleep(0.25)
+    return launch_server(["--model", str(args.model), "--dtype", args.dtype,
+                          "--max-num-seqs", str(args.max_num_seqs or args.concurrency),
+                          "--num-kv-blocks", str(args.num_kv_blocks), "--no-access-log",
+                          "--log-level", "warning", "--num-threads", str(args.num_threads),
+                          "--store", store, "--data-dir", data_dir,
+                          "--store-synchronous", args.synchronous])
 
 
 def server_cpu_s(proc: subprocess.Popen) -> tuple[float, float]:
@@ -134,7 +118,7 @@ def main() -> None:
         user, system = {"none": 0.0, "all": 0.0}, {"none": 0.0, "all": 0.0}
         block_ratios = []
         try:
-            load = CpuMonitor(servers["all"][0].pid)
+            load = LoadMonitor(servers["all"][0].pid)
             load.pids.append(servers["none"][0].pid)  # both servers are "ours"
             with load:
                 for b, lo in enumerate(range(0, args.num_requests, args.block)):
