@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .config import EngineConfig
-from .errors import EngineDead, QueueFull
+from .errors import EngineDead, InvalidRequest, QueueFull
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -65,12 +65,11 @@ class AsyncEngine:
         """Check a request without submitting it; returns its prompt token ids."""
         if isinstance(prompt, str):
             if not prompt:
-                from .errors import InvalidRequest
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             _, ids = self.engine.tokenize(prompt)
-        self.engine._check_lengths(len(ids), params)
+        self.engine.check_lengths(len(ids), params)
         return ids
 
     async def generate(self, request_id: str, prompt: str | list[int],

@@ -54,7 +54,7 @@ class LLM:
         # Validate everything first, so a bad prompt leaves nothing half-submitted.
         for prompt, p in zip(prompts, params):
             _, ids = self.engine.tokenize(prompt)
-            self.engine._check_lengths(len(ids), p)
+            self.engine.check_lengths(len(ids), p)
         request_ids = []
         for prompt, p in zip(prompts, params):
             request_id = f"offline-{next(self._ids)}"

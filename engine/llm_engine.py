@@ -112,7 +112,7 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already running",
                                  param="request_id")
         text, ids = self.tokenize(prompt)
-        self._check_lengths(len(ids), params)
+        self.check_lengths(len(ids), params)
         if len(self.requests) >= self.config.max_waiting + self.config.max_num_seqs \
                 or len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
@@ -124,7 +124,9 @@ class LLMEngine:
         self.num_prompt_tokens += len(ids)
         self.scheduler.add(seqs[0])
 
-    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+    def check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+        """Raise ``InvalidRequest`` unless the prompt and ``max_tokens`` fit the model's
+        context and the KV pool (a request that could never fit is refused up front)."""
         if num_prompt >= self.max_model_len:
             raise InvalidRequest(f"prompt has {num_prompt} tokens; the model's context length "
                                  f"is {self.max_model_len}", param="prompt")
