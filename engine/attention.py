@@ -90,10 +90,13 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         if group.context_len is not None:
             kd = kd[:, :, :group.context_len]
             vd = vd[:, :, :group.context_len]
-        qd = q[:, group.start:group.end].transpose(0, 1).unsqueeze(2)  # [n, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling,
-                                            enable_gqa=gqa)  # [n, H, 1, D]
-        out[group.start:group.end] = od[:, :, 0]
+        n = group.end - group.start
+        # One query token per sequence: the query heads that share a KV head become the
+        # "query positions" of that head ([n, Hkv, H / Hkv, D]), so grouped-query attention
+        # needs no head expansion (SDPA's enable_gqa path copies the gathered K/V).
+        qd = q[:, group.start:group.end].transpose(0, 1).reshape(n, num_kv_heads, -1, head_dim)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling)
+        out[group.start:group.end] = od.reshape(n, -1, head_dim)  # [n, H, D]
     for chunk in meta.prefills:
         qp = q[:, chunk.start:chunk.end].unsqueeze(0)  # [1, H, t, D]
         if chunk.num_cached == 0:
