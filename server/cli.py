@@ -1,10 +1,10 @@
-"""The ``e3rl`` command: ``e3rl serve`` here; ``data``, ``train`` and ``eval`` come from
-``e3rl.trainer.cli`` when it is installed."""
+"""The ``e3rl`` command: ``e3rl serve`` here; ``data``, ``train``, ``eval`` and
+``calibrate`` come from ``e3rl.trainer.cli``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import sys
 from typing import Any
@@ -12,6 +12,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from .settings import DEFAULT_MODEL_NAME, Settings
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
 
 # Command-line flags of `e3rl serve` -> (Settings field, type, help). Every setting can also
 # come from its environment variable, E3RL_<FIELD> (E3RL_API_KEY, E3RL_PORT, ...).
@@ -48,6 +59,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--admin-key", "admin_key", str, "key of the admin routes (env E3RL_ADMIN_KEY); unset: "
      "admin routes are off"),
     ("--checkpoint-dir", "checkpoint_dir", str, "directory weight updates must load from"),
+    ("--healing", "healing", json_object, "server-wide self-healing defaults as JSON, e.g. "
+     "'{\"enabled\": true}' (requests override them; default off)"),
 ]
 
 
@@ -93,17 +106,16 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e3rl", description="e3rl: a self-healing LLM "
-                                     "serving engine and the E3RL trainer.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from e3rl.trainer import cli as trainer_cli  # data, train, eval, calibrate
+
+    # Every parser reports a bad argument as one line (`e3rl: error: ...`) and exits with 2.
+    one_line = trainer_cli.OneLineArgumentParser
+    parser = one_line(prog="e3rl", description="e3rl: a self-healing LLM serving engine and "
+                      "the E3RL trainer.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=one_line)
     add_serve_parser(subparsers)
-    try:  # the trainer's subcommands (data, train, eval), when that module exists
-        trainer_cli = importlib.import_module("e3rl.trainer.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("e3rl.trainer.cli", "e3rl.trainer"):
-            raise
-    else:
-        trainer_cli.register(subparsers)
+    trainer_cli.register(subparsers)
     return parser
 
 

@@ -55,6 +55,20 @@ def test_store_and_admin_flags(monkeypatch, captured, tiny_model, tmp_path):
     assert s.admin_key.get_secret_value() == "adm" and s.checkpoint_dir == tmp_path / "ckpts"
 
 
+def test_healing_defaults_from_flag_and_env(monkeypatch, captured, capsys, tiny_model):
+    assert cli.main(["serve", "--model", str(tiny_model), "--healing",
+                     '{"enabled": true, "kappa": 1.5}']) == 0
+    assert captured[-1][0].state.settings.healing == {"enabled": True, "kappa": 1.5}
+    monkeypatch.setenv("E3RL_HEALING", '{"enabled": true, "quantile": 0.9}')
+    assert cli.main(["serve", "--model", str(tiny_model)]) == 0
+    assert captured[-1][0].state.settings.healing == {"enabled": True, "quantile": 0.9}
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", str(tiny_model), "--healing", '{"kappa": -1}'])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kappa" in err
+
+
 def test_bad_store_mode_is_one_clear_line(captured, capsys, tiny_model):
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--model", str(tiny_model), "--store", "some"])
