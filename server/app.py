@@ -9,8 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from e3rl.engine.async_engine import AsyncEngine
@@ -19,7 +21,7 @@ from .deps import get_engine, get_metrics, get_settings
 from .errors import install_error_handlers
 from .logprobs import TokenText
 from .metrics import Metrics
-from .protocol import error_body
+from .protocol import ErrorResponse, error_body
 from .recorder import TrajectoryRecorder
 from .routes import admin, chat, completions, health, models, tokenize, trajectories
 from .settings import Settings
@@ -124,11 +126,41 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     if engine is not None:
         _attach(app, engine)
     install_error_handlers(app)
-    for module in (completions, chat, models, tokenize, health, trajectories, admin):
-        app.include_router(module.router)
+    api = _errors(400, 401, 404, 413, 500, 503)
+    routers = {completions: api, chat: api, models: api, tokenize: api,
+               health: _errors(401, 503), trajectories: _errors(400, 401, 404, 500),
+               admin: _errors(400, 401, 403, 404, 409, 500)}
+    for module, responses in routers.items():
+        app.include_router(module.router, responses=responses)
+    app.openapi = partial(_openapi, app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
                        on_reject=lambda: app.state.metrics.record_error(413))
     return app
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request (the message and `param` name the field)", 401: "missing or wrong key",
+    403: "forbidden by the server's configuration", 404: "unknown model or route, or admin "
+    "routes off", 409: "a weight update is already running", 413: "request body too large",
+    500: "internal error (no details leak)", 503: "queue full (see Retry-After) or engine down",
+}
+
+
+def _errors(*codes: int) -> dict[int, dict]:
+    """OpenAPI entries for the OpenAI-format errors a router answers with."""
+    return {c: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its default 422 answers: validation errors are 400s here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description=app.description)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def open_store(settings: Settings) -> TrajectoryStore | None:

@@ -34,6 +34,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", dependencies=[Depends(require_metrics_key)])
+@router.get("/metrics", dependencies=[Depends(require_metrics_key)],
+            response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}},
+                                                      "description": "Prometheus text format"}})
 async def metrics(m: Metrics = Depends(get_metrics)) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE)
