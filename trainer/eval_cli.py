@@ -21,7 +21,7 @@ HEALING_FLAGS = {  # CLI flag -> (healing option, type)
 }
 
 
-def register(subparsers: argparse._SubParsersAction, parser_class=argparse.ArgumentParser) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="Evaluate a model on verifiable problems.")
     _data_arguments(ev)
     where = ev.add_mutually_exclusive_group(required=True)

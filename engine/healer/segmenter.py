@@ -1,13 +1,9 @@
-"""Segment boundaries and segment uncertainty scores (pure functions)."""
+"""Segment uncertainty scores (pure functions). Boundaries are token ids, found once per
+boundary set by the engine (``LLMEngine._boundaries``)."""
 
 from __future__ import annotations
 
 import math
-
-
-def is_boundary(token_text: str, boundaries: list[str]) -> bool:
-    """A segment closes after a token whose text contains a boundary string."""
-    return any(b in token_text for b in boundaries)
 
 
 def segment_score(name: str, nll: list[float], entropy: list[float], window: int = 4,
