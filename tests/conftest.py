@@ -9,6 +9,21 @@ torch.set_num_threads(int(os.environ.get("E3RL_TEST_THREADS", "2")))
 ARCHS = ["llama", "qwen3", "qwen2", "mistral"]
 
 
+def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The reference: Hugging Face ``generate`` greedy, EOS disabled (the engine is compared
+    with ``ignore_eos``), one prompt at a time. Returns the new token ids of each prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model.generation_config.eos_token_id = None
+    outs = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """One tiny random model directory per architecture (built once per session)."""

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from e3rl.engine import LLM, SamplingParams
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, hf_greedy
 
 PROMPT_LENGTHS = [3, 17, 9, 1, 30, 5, 12, 24]
 MAX_TOKENS = 24
@@ -16,21 +15,10 @@ def _prompts(seed=0):
     return [torch.randint(4, 100, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _hf_greedy(path, prompts):
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
-    refs = []
-    for p in prompts:
-        out = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return refs
-
-
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs):
     prompts = _prompts()
-    return prompts, {arch: _hf_greedy(tiny_model_dirs[arch], prompts) for arch in ARCHS}
+    return prompts, {arch: hf_greedy(tiny_model_dirs[arch], prompts, MAX_TOKENS) for arch in ARCHS}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -74,6 +62,6 @@ def test_string_prompt_matches_hf(tiny_model):
                                                              ignore_eos=True))[0]
     ids = tok("The quick brown fox")["input_ids"]
     assert out.prompt_token_ids == ids
-    ref = _hf_greedy(tiny_model, [ids])[0][:12]
+    ref = hf_greedy(tiny_model, [ids], 12)[0]
     assert out.outputs[0].token_ids == ref
     assert out.outputs[0].text == tok.decode(ref, skip_special_tokens=True)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from e3rl.engine import LLM, SamplingParams, WeightUpdateError
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.engine.weights import resolve_checkpoint_dir
+from tests.conftest import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44]]
@@ -24,21 +25,14 @@ def models(tmp_path_factory):
     return old, new, root / "ckpts"
 
 
-def _hf_greedy(path, prompt, n=16):
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    model.generation_config.eos_token_id = None
-    return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                          pad_token_id=0)[0, len(prompt):].tolist()
-
-
 def test_swap_then_greedy_equals_hf_with_new_weights(models):
     old, new, _ = models
     llm = LLM(old, num_kv_blocks=64)
     before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    assert before[0] == _hf_greedy(old, PROMPTS[0])
+    assert before[0] == hf_greedy(old, PROMPTS[:1], 16)[0]
     llm.update_weights(new, "v2")
     after = llm.generate(PROMPTS, GREEDY)
-    assert [o.outputs[0].token_ids for o in after] == [_hf_greedy(new, p) for p in PROMPTS]
+    assert [o.outputs[0].token_ids for o in after] == hf_greedy(new, PROMPTS, 16)
     assert llm.weight_version == "v2" and after[0].weight_version == "v2"
     assert after[0].outputs[0].weight_versions == [(0, "v2")]
 

@@ -4,11 +4,16 @@ client against the ASGI app, and live uvicorn servers on random loopback ports."
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+
+import httpx
 
 import pytest
 import torch
@@ -42,6 +47,38 @@ def make_engine(settings: Settings) -> AsyncEngine:
     engine = AsyncEngine(settings.engine_config())
     engine.start()
     return engine
+
+
+def start_serve_process(args: list[str], *, env: dict | None = None, log_path=None,
+                        timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """A real ``e3rl serve ARGS`` process on a free loopback port, once ``/ready`` answers.
+    Its output goes to ``log_path`` (appended) or to a pipe."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "e3rl.server.cli", "serve", *args, "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if log_path is not None:
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            output = open(log_path).read() if log_path is not None else proc.stdout.read()
+            raise AssertionError(f"e3rl serve exited: {output[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("e3rl serve did not become ready")
+        time.sleep(0.1)
 
 
 class LiveServer:

@@ -24,6 +24,8 @@ from e3rl.engine import weights as engine_weights
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.server.app import create_app
 
+from tests.conftest import hf_greedy
+
 from .conftest import LiveServer, make_settings
 
 ADMIN = {"Authorization": "Bearer adm"}
@@ -183,13 +185,6 @@ def test_a_second_swap_while_one_runs_is_409(server, monkeypatch):
     assert served_version(server.url) == "0"
 
 
-def _hf_greedy(path, prompt_ids: list[int], n: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    model.generation_config.eos_token_id = None
-    return model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
-                          pad_token_id=0)[0, len(prompt_ids):].tolist()
-
-
 async def _stream(client: httpx.AsyncClient, prompt: str, chunks: list) -> None:
     body = {"prompt": prompt, "max_tokens": NUM_LOAD_TOKENS, "temperature": 0,
             "ignore_eos": True, "logprobs": 0, "stream": True}
@@ -273,8 +268,8 @@ def test_swap_under_streaming_load(server, checkpoints):
     assert r.json()["system_fingerprint"] == "e3rl-w2"
     record = record_of(server.url, r.json()["id"])
     assert record["weight_versions"] == [[0, "2"]]
-    assert record["output_token_ids"] == _hf_greedy(new, record["prompt_token_ids"],
-                                                    GREEDY["max_tokens"])
+    [reference] = hf_greedy(new, [record["prompt_token_ids"]], GREEDY["max_tokens"])
+    assert record["output_token_ids"] == reference
     assert record["text"] == r.json()["choices"][0]["text"]
 
     samples = {(s.name, s.labels.get("version")): s.value

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from e3rl.server import cli, settings as settings_module
+
+from .conftest import start_serve_process
 
 
 @pytest.fixture()
@@ -107,31 +104,10 @@ def test_help_lists_serve(capsys):
     assert "serve" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_process_end_to_end(tiny_model, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "E3RL_NUM_KV_BLOCKS": "64",
-           "E3RL_API_KEY": "k", "E3RL_DATA_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "e3rl.server.cli", "serve", "--model",
-                             str(tiny_model), "--port", str(port), "--no-access-log"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    env = {"E3RL_NUM_KV_BLOCKS": "64", "E3RL_API_KEY": "k", "E3RL_DATA_DIR": str(tmp_path)}
+    proc, url = start_serve_process(["--model", str(tiny_model), "--no-access-log"], env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
                        headers={"Authorization": "Bearer k"}, timeout=30)
         assert r.status_code == 200 and r.json()["model"] == tiny_model.name

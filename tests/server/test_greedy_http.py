@@ -4,29 +4,19 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from e3rl.engine import LLM, SamplingParams
 from e3rl.server.app import create_app
 from tests.conftest import ARCHS
 
+from tests.conftest import hf_greedy
+
 from .conftest import ENGINE_OPTIONS, make_engine, make_settings
 
 PROMPTS = ["The quick brown fox", "1+1=", "def f(x):\n    return", "Z"]
 MAX_TOKENS = 16
-
-
-def _hf_greedy(path, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    model.generation_config.eos_token_id = None  # compared with ignore_eos
-    outs = []
-    for ids in prompts:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=0)
-        outs.append(out[0, len(ids):].tolist())
-    return outs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,7 +40,7 @@ def test_http_equals_engine_equals_hf(arch, tiny_model_dirs):
     llm = LLM(str(path), **{k: v for k, v in ENGINE_OPTIONS.items() if k != "num_threads"})
     offline = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                    ignore_eos=True))
-    hf = _hf_greedy(path, prompt_ids)
+    hf = hf_greedy(path, prompt_ids, MAX_TOKENS)
 
     assert http_ids == [o.outputs[0].token_ids for o in offline] == hf
     assert [c["text"] for c in choices] == [o.outputs[0].text for o in offline] \

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,36 +17,17 @@ import httpx
 
 from e3rl.server.settings import STORE_FILE_NAME
 
+from .conftest import start_serve_process
+
 ADMIN = {"Authorization": "Bearer adm"}
 NUM_WORKERS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model, data_dir, log_path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "e3rl.server.cli", "serve", "--model", str(model), "--port",
-             str(port), "--data-dir", str(data_dir), "--admin-key", "adm", "--num-kv-blocks",
-             "256", "--num-threads", "1", "--no-access-log", "--log-level", "info"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, open(log_path).read()
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.1)
+    return start_serve_process(
+        ["--model", str(model), "--data-dir", str(data_dir), "--admin-key", "adm",
+         "--num-kv-blocks", "256", "--num-threads", "1", "--no-access-log",
+         "--log-level", "info"], log_path=log_path)
 
 
 async def _worker(client: httpx.AsyncClient, w: int, completed: list[str]) -> None:
