@@ -3,9 +3,11 @@
 Every layer of a transformers model calls ``paged_attention(module, query, key, value, ...)``
 with the packed batch of this step (``[1, H, T, D]``, ragged: no padding between
 sequences). It writes the new K/V into the pool at ``slot_mapping`` and attends each
-sequence's queries over that sequence's blocks. Tokens are packed decode-first, by context length: decode
-tokens (one per sequence) are attended in a few groups of similar length, one SDPA call per
-group; the rest are prefill chunks, one SDPA call each.
+sequence's queries over that sequence's blocks. Tokens are packed decode-first, by context
+length. Decode tokens (one per sequence) go either to the native CPU kernel (one call for all
+of them, K/V read in place from the pool) or, with the SDPA backend, to a few groups of similar
+length, one SDPA call per group over gathered blocks; the rest are prefill chunks, one SDPA
+call each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "e3rl_paged"
@@ -46,12 +49,24 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class NativeDecode:
+    """Decode tokens ``[start, end)`` of the packed batch, one per sequence, attended by the
+    native kernel straight from the pool: no gather, no padding to the longest context."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [n, max_blocks] long
+    context_lens: torch.Tensor  # [n] long, including this step's token
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """What attention needs besides q/k/v, built once per step and shared by all layers."""
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] long: pool slot of each packed token
     decodes: list[DecodeGroup] = field(default_factory=list)
+    native_decode: NativeDecode | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_calls: int = 0  # layers that ran through paged attention (load-time check)
 
@@ -84,6 +99,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     gqa = q.shape[0] != num_kv_heads
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
 
+    if meta.native_decode is not None:
+        d = meta.native_decode
+        kernels.paged_decode_attention(
+            out[d.start:d.end], q[:, d.start:d.end].transpose(0, 1).contiguous(), k_cache,
+            v_cache, d.block_tables, d.context_lens,
+            scaling if scaling is not None else head_dim ** -0.5)
     for group in meta.decodes:
         kd = _gather(k_cache, group.block_tables)  # [n, Hkv, L, D]
         vd = _gather(v_cache, group.block_tables)

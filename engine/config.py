@@ -22,10 +22,17 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     seed: int = 0  # seeds the random streams of requests that give no seed
     served_model_name: str | None = None
+    # Decode attention: "native" = e3rl's C++ paged kernel (CPU; reads K/V straight from the
+    # pool), "sdpa" = torch SDPA over gathered blocks (any device), "auto" = native on CPU
+    # when it builds (a warning says why not), sdpa elsewhere.
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.attention_backend not in ("auto", "native", "sdpa"):
+            raise ValueError("attention_backend must be auto, native or sdpa, not "
+                             f"{self.attention_backend!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

@@ -21,10 +21,12 @@ def references(tiny_model_dirs):
     return prompts, {arch: hf_greedy(tiny_model_dirs[arch], prompts, MAX_TOKENS) for arch in ARCHS}
 
 
+@pytest.mark.parametrize("backend", ["native", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_batch_matches_hf_generate(arch, tiny_model_dirs, references):
+def test_greedy_batch_matches_hf_generate(arch, backend, tiny_model_dirs, references):
     prompts, refs = references
-    llm = LLM(tiny_model_dirs[arch], num_kv_blocks=128, block_size=4)
+    llm = LLM(tiny_model_dirs[arch], num_kv_blocks=128, block_size=4, attention_backend=backend)
+    assert llm.engine.runner.attention_backend == backend
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                 ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == refs[arch]
@@ -32,12 +34,13 @@ def test_greedy_batch_matches_hf_generate(arch, tiny_model_dirs, references):
     assert llm.engine.block_manager.num_free_blocks == 128
 
 
+@pytest.mark.parametrize("backend", ["native", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_greedy_matches_hf_under_preemption(arch, tiny_model_dirs, references):
+def test_greedy_matches_hf_under_preemption(arch, backend, tiny_model_dirs, references):
     prompts, refs = references
     # 16 blocks of 4 tokens: the 8 requests need ~300 token slots, so sequences are
     # preempted and recomputed.
-    llm = LLM(tiny_model_dirs[arch], num_kv_blocks=16, block_size=4)
+    llm = LLM(tiny_model_dirs[arch], num_kv_blocks=16, block_size=4, attention_backend=backend)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                 ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0

@@ -1,0 +1,291 @@
+// Paged decode attention for CPU: one query token per sequence, attending over that
+// sequence's K/V blocks straight from the pool (no gather copy), grouped-query aware.
+//
+//   out[s, h, :] = softmax(scale * q[s, h] . K_s^T) V_s   over the first context_lens[s]
+//   tokens of sequence s, whose token t lives in block block_tables[s, t / bs], row t % bs.
+//
+// Work is split over (sequence, KV head); the query heads sharing a KV head are computed
+// together so each K/V row is read once. Scores, softmax and accumulation are float32
+// (online softmax, one block at a time); the output is written in the cache's dtype.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#ifndef CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#endif
+#include <ATen/cpu/vec/vec.h>
+
+namespace {
+
+#if defined(__AVX512F__)
+// 16 floats from 16 elements of the cache's dtype.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// row[0:dim] = float(src[0:dim])
+template <typename T>
+inline void to_float(const T* src, float* row, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(row + d, load16(src + d));
+#endif
+  for (; d < dim; ++d) row[d] = static_cast<float>(src[d]);
+}
+
+inline float dot(const float* a, const float* b, int64_t dim) {
+  int64_t d = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < dim; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// acc[0:dim] += p * row[0:dim]
+inline void axpy(float p, const float* row, float* acc, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; d + 16 <= dim; d += 16)
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(row + d), _mm512_loadu_ps(acc + d)));
+#endif
+  for (; d < dim; ++d) acc[d] += p * row[d];
+}
+
+#if defined(__AVX512F__)
+// One block of one KV head with the head dim (CH x 16) and the query heads per KV head (G)
+// known at compile time, so queries and accumulators stay in registers.
+//   p[j * bs + t] = scale * q_j . k_t                      (scores_block)
+//   acc_j = acc_j * correction_j + sum_t p[j * bs + t] v_t  (accumulate_block)
+template <int CH, int G, typename T>
+inline void scores_block(const float* qf, const T* kb, int64_t token_stride, int64_t nt,
+                         int64_t bs, float scale, float* p) {
+  __m512 qr[G][CH];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < CH; ++c) qr[j][c] = _mm512_loadu_ps(qf + j * CH * 16 + c * 16);
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* kr = kb + t * token_stride;
+    __m512 kv[CH];
+    for (int c = 0; c < CH; ++c) kv[c] = load16(kr + c * 16);
+    for (int j = 0; j < G; ++j) {
+      __m512 a = _mm512_mul_ps(qr[j][0], kv[0]);
+      for (int c = 1; c < CH; ++c) a = _mm512_fmadd_ps(qr[j][c], kv[c], a);
+      p[j * bs + t] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+}
+
+template <int CH, int G, typename T>
+inline void accumulate_block(const T* vb, int64_t token_stride, int64_t nt, int64_t bs,
+                             const float* p, const float* correction, float* acc) {
+  __m512 ar[G][CH];
+  for (int j = 0; j < G; ++j) {
+    const __m512 corr = _mm512_set1_ps(correction[j]);
+    for (int c = 0; c < CH; ++c) ar[j][c] = _mm512_mul_ps(corr, _mm512_loadu_ps(acc + j * CH * 16 + c * 16));
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* vr = vb + t * token_stride;
+    __m512 vv[CH];
+    for (int c = 0; c < CH; ++c) vv[c] = load16(vr + c * 16);
+    for (int j = 0; j < G; ++j) {
+      const __m512 pt = _mm512_set1_ps(p[j * bs + t]);
+      for (int c = 0; c < CH; ++c) ar[j][c] = _mm512_fmadd_ps(pt, vv[c], ar[j][c]);
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < CH; ++c) _mm512_storeu_ps(acc + j * CH * 16 + c * 16, ar[j][c]);
+}
+
+template <typename T>
+using ScoresFn = void (*)(const float*, const T*, int64_t, int64_t, int64_t, float, float*);
+template <typename T>
+using AccumulateFn = void (*)(const T*, int64_t, int64_t, int64_t, const float*, const float*, float*);
+
+template <int CH, typename T>
+bool pick_group(int64_t group, ScoresFn<T>& scores, AccumulateFn<T>& accumulate) {
+  switch (group) {
+#define E3RL_GROUP(G) case G: scores = scores_block<CH, G, T>; accumulate = accumulate_block<CH, G, T>; return true;
+    E3RL_GROUP(1) E3RL_GROUP(2) E3RL_GROUP(3) E3RL_GROUP(4) E3RL_GROUP(5) E3RL_GROUP(6)
+    E3RL_GROUP(7) E3RL_GROUP(8)
+#undef E3RL_GROUP
+    default: return false;
+  }
+}
+
+// Register-resident kernels for head dims 64 and 128 and up to 8 query heads per KV head.
+template <typename T>
+bool pick_block_kernels(int64_t dim, int64_t group, ScoresFn<T>& scores, AccumulateFn<T>& accumulate) {
+  if (dim == 64) return pick_group<4, T>(group, scores, accumulate);
+  if (dim == 128) return pick_group<8, T>(group, scores, accumulate);
+  return false;
+}
+#endif
+
+template <typename T>
+void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                 const at::Tensor& context_lens, double scale) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t n = query.size(0), num_heads = query.size(1), dim = query.size(2);
+  const int64_t bs = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t block_stride = bs * num_kv_heads * dim, token_stride = num_kv_heads * dim;
+  const T* q = query.data_ptr<T>();
+  const T* k = k_cache.data_ptr<T>();
+  const T* v = v_cache.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  // A work item is one sequence (all heads: each K/V block is read front to back, which
+  // the prefetcher follows) or, with fewer sequences than threads can share, one KV head.
+  const int64_t splits = n >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
+  const int64_t item_kv_heads = num_kv_heads / splits, item_heads = item_kv_heads * group;
+  void (*fast_scores)(const float*, const T*, int64_t, int64_t, int64_t, float, float*) = nullptr;
+  void (*fast_accumulate)(const T*, int64_t, int64_t, int64_t, const float*, const float*, float*) = nullptr;
+#if defined(__AVX512F__)
+  pick_block_kernels<T>(dim, group, fast_scores, fast_accumulate);
+#endif
+
+  // Items are dealt round-robin: sequences arrive sorted by length, and contiguous ranges
+  // would give one thread all the long ones.
+  const int64_t items = n * splits, lanes = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
+    std::vector<float> qf(item_heads * dim), acc(item_heads * dim), row(dim), p(item_heads * bs);
+    std::vector<float> m(item_heads), l(item_heads), corr(item_heads);
+    for (int64_t lane = lane_begin; lane < lane_end; ++lane)
+    for (int64_t w = lane; w < items; w += lanes) {
+      const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
+      const int64_t ctx = lens[s];
+      to_float(q + (s * num_heads + h0 * group) * dim, qf.data(), item_heads * dim);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0; b * bs < ctx; ++b) {
+        const int64_t block = tables[s * max_blocks + b];
+        const int64_t nt = std::min(bs, ctx - b * bs);
+        const T* kb = k + block * block_stride + h0 * dim;
+        const T* vb = v + block * block_stride + h0 * dim;
+        if ((b + 1) * bs < ctx) {  // the next block is elsewhere in the pool: fetch it early
+          const char* nk = reinterpret_cast<const char*>(k + tables[s * max_blocks + b + 1] * block_stride);
+          const char* nv = reinterpret_cast<const char*>(v + tables[s * max_blocks + b + 1] * block_stride);
+          const int64_t bytes = std::min(bs, ctx - (b + 1) * bs) * token_stride * static_cast<int64_t>(sizeof(T));
+          for (int64_t off = 0; off < bytes; off += 64) {
+            __builtin_prefetch(nk + off);
+            __builtin_prefetch(nv + off);
+          }
+        }
+        if (fast_scores) {
+          for (int64_t hh = 0; hh < item_kv_heads; ++hh)
+            fast_scores(qf.data() + hh * group * dim, kb + hh * dim, token_stride, nt, bs, fscale,
+                        p.data() + hh * group * bs);
+        } else {
+          for (int64_t t = 0; t < nt; ++t) {
+            for (int64_t hh = 0; hh < item_kv_heads; ++hh) {
+              to_float(kb + t * token_stride + hh * dim, row.data(), dim);
+              for (int64_t j = hh * group; j < (hh + 1) * group; ++j)
+                p[j * bs + t] = dot(qf.data() + j * dim, row.data(), dim) * fscale;
+            }
+          }
+        }
+        for (int64_t j = 0; j < item_heads; ++j) {
+          float* pj = p.data() + j * bs;
+          float block_max = pj[0];
+          for (int64_t t = 1; t < nt; ++t) block_max = std::max(block_max, pj[t]);
+          const float new_max = std::max(m[j], block_max);
+          const float correction = std::exp(m[j] - new_max);
+          float sum = 0.f;
+          for (int64_t t = 0; t < nt; t += Vec::size()) {
+            const int64_t c = std::min<int64_t>(Vec::size(), nt - t);
+            const Vec e = (Vec::loadu(pj + t, c) - Vec(new_max)).exp_u20();
+            e.store(pj + t, c);
+            for (int64_t i = 0; i < c; ++i) sum += pj[t + i];
+          }
+          l[j] = l[j] * correction + sum;
+          m[j] = new_max;
+          corr[j] = correction;
+        }
+        if (fast_accumulate) {
+          for (int64_t hh = 0; hh < item_kv_heads; ++hh)
+            fast_accumulate(vb + hh * dim, token_stride, nt, bs, p.data() + hh * group * bs,
+                            corr.data() + hh * group, acc.data() + hh * group * dim);
+          continue;
+        }
+        for (int64_t j = 0; j < item_heads; ++j) {
+          if (corr[j] == 1.f) continue;
+          float* aj = acc.data() + j * dim;
+          for (int64_t d = 0; d < dim; ++d) aj[d] *= corr[j];
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+          for (int64_t hh = 0; hh < item_kv_heads; ++hh) {
+            to_float(vb + t * token_stride + hh * dim, row.data(), dim);
+            for (int64_t j = hh * group; j < (hh + 1) * group; ++j)
+              axpy(p[j * bs + t], row.data(), acc.data() + j * dim, dim);
+          }
+        }
+      }
+      T* orow = o + (s * num_heads + h0 * group) * dim;
+      for (int64_t j = 0; j < item_heads; ++j) {
+        const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+        for (int64_t d = 0; d < dim; ++d) orow[j * dim + d] = static_cast<T>(acc[j * dim + d] * inv);
+      }
+    }
+  });
+}
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [n, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must be [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) &&
+                  block_tables.scalar_type() == at::kLong,
+              "block_tables must be int64 [n, max_blocks]");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == query.size(0) &&
+                  context_lens.scalar_type() == at::kLong,
+              "context_lens must be int64 [n]");
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &query, &k_cache, &v_cache, &block_tables, &context_lens}) {
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "all tensors must be contiguous, on CPU");
+  }
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && out.scalar_type() == k_cache.scalar_type(),
+              "query, out and cache must share a dtype");
+  switch (query.scalar_type()) {
+    case at::kFloat: decode_impl<float>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
+    case at::kBFloat16: decode_impl<c10::BFloat16>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
+    case at::kHalf: decode_impl<c10::Half>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", query.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(e3rl, m) {
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
+        "Tensor block_tables, Tensor context_lens, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(e3rl, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

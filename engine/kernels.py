@@ -1,0 +1,77 @@
+"""Native CPU kernels (``engine/csrc``), built on first use with the local C++ compiler.
+
+``torch.utils.cpp_extension`` compiles the sources once per machine and caches the library
+under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes load
+it in well under a second. The instruction set is chosen from this CPU's flags (AVX-512 when
+present) and is part of the cache key, so a cache shared between different CPUs stays safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_lock = threading.Lock()
+_loaded = False
+_error: str | None = None
+
+
+class KernelBuildError(RuntimeError):
+    """The native CPU kernels could not be built or loaded on this machine."""
+
+
+def _isa_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def load_cpu_kernels() -> None:
+    """Build (first time on this machine) and load the kernels; registers ``torch.ops.e3rl``.
+
+    Raises ``KernelBuildError`` with the compiler's message when that is impossible."""
+    global _loaded, _error
+    with _lock:
+        if _loaded:
+            return
+        if _error is not None:
+            raise KernelBuildError(_error)
+        from torch.utils.cpp_extension import load
+
+        t0 = time.perf_counter()
+        try:
+            load(name="e3rl_cpu_kernels", sources=[str(s) for s in _SOURCES],
+                 extra_cflags=["-O3", "-fopenmp", *_isa_flags()], is_python_module=False,
+                 verbose=False)
+        except Exception as exc:  # compiler missing, ninja missing, build error
+            _error = (f"could not build e3rl's CPU kernels ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+            raise KernelBuildError(_error) from exc
+        _loaded = True
+        logger.info("e3rl CPU kernels ready (%.1f s)", time.perf_counter() - t0)
+
+
+def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> None:
+    """``out[s] = attention(query[s], the first context_lens[s] tokens of sequence s)``.
+
+    ``query``/``out``: ``[n, H, D]``; caches: ``[num_blocks, block_size, Hkv, D]``;
+    ``block_tables``: int64 ``[n, max_blocks]``; ``context_lens``: int64 ``[n]``."""
+    torch.ops.e3rl.paged_decode_attention(out, query, k_cache, v_cache, block_tables,
+                                          context_lens, scale)

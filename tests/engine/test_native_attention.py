@@ -1,0 +1,92 @@
+"""The native paged decode-attention kernel against SDPA over gathered blocks, and how the
+engine picks its attention backend."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from e3rl.engine import LLM, kernels
+from e3rl.engine import model_runner
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    """Each sequence on its own: gather its blocks, SDPA over its first lens[s] tokens."""
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for s in range(q.shape[0]):
+        k = k_cache[tables[s]].reshape(-1, hkv, k_cache.shape[3])[:lens[s]].transpose(0, 1)
+        v = v_cache[tables[s]].reshape(-1, hkv, v_cache.shape[3])[:lens[s]].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[s].unsqueeze(1).float(), k.float(), v.float(),
+                                           scale=scale, enable_gqa=True)
+        out[s] = o.squeeze(1).to(q.dtype)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    kernels.load_cpu_kernels()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,group", [(64, 3), (128, 4), (64, 1), (128, 8), (40, 2),
+                                            (16, 5), (64, 9)])
+@pytest.mark.parametrize("num_seqs", [1, 9])
+def test_kernel_matches_sdpa(dtype, head_dim, group, num_seqs):
+    g = torch.Generator().manual_seed(head_dim * 31 + group * 7 + num_seqs)
+    num_kv_heads, block_size, num_blocks = 2, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    # Lengths at block edges and inside blocks; tables are scattered, unused tail ids are 0.
+    lens = torch.tensor([1, 16, 17, 40, 95, 33, 2, 64, 81][:num_seqs])
+    max_blocks = int(-(-lens.max() // block_size))
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+    used = 0
+    for s, n in enumerate(lens.tolist()):
+        nb = -(-n // block_size)
+        tables[s, :nb] = perm[used:used + nb]
+        used += nb
+    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, generator=g).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, scale)
+    expected = reference(q, k_cache, v_cache, tables, lens.tolist(), scale)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+def test_kernel_refuses_mismatched_inputs():
+    k_cache = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernels.paged_decode_attention(torch.empty_like(q), q, k_cache, k_cache,
+                                       torch.zeros(1, 1, dtype=torch.long),
+                                       torch.ones(1, dtype=torch.long), 0.125)
+    q = torch.zeros(1, 3, 64)
+    with pytest.raises(RuntimeError, match="multiple of KV heads"):
+        kernels.paged_decode_attention(torch.empty_like(q), q, k_cache, k_cache,
+                                       torch.zeros(1, 1, dtype=torch.long),
+                                       torch.ones(1, dtype=torch.long), 0.125)
+
+
+def test_unknown_backend_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="attention_backend"):
+        LLM(tiny_model, num_kv_blocks=16, attention_backend="flash")
+
+
+def test_auto_falls_back_to_sdpa_loudly_when_the_kernels_cannot_build(monkeypatch, caplog):
+    def broken():
+        raise kernels.KernelBuildError("could not build e3rl's CPU kernels (no compiler)")
+
+    monkeypatch.setattr(kernels, "load_cpu_kernels", broken)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger=model_runner.__name__):
+        assert model_runner.resolve_attention_backend("auto", cpu) == "sdpa"
+    assert "no compiler" in caplog.text and "falls back to SDPA" in caplog.text
+    with pytest.raises(kernels.KernelBuildError, match="no compiler"):
+        model_runner.resolve_attention_backend("native", cpu)
+    assert model_runner.resolve_attention_backend("sdpa", cpu) == "sdpa"
