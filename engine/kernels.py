@@ -17,7 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
@@ -59,11 +60,23 @@ def load_cpu_kernels() -> None:
                  extra_cflags=["-O3", "-fopenmp", *_isa_flags()], is_python_module=False,
                  verbose=False)
         except Exception as exc:  # compiler missing, ninja missing, build error
-            _error = (f"could not build e3rl's CPU kernels ({type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+            lines = str(exc).strip().splitlines() or [""]
+            detail = next((ln.strip() for ln in lines if "error" in ln.lower()), lines[-1])
+            _error = f"could not build e3rl's CPU kernels ({type(exc).__name__}: {detail})"
             raise KernelBuildError(_error) from exc
         _loaded = True
         logger.info("e3rl CPU kernels ready (%.1f s)", time.perf_counter() - t0)
+
+
+def loaded() -> bool:
+    """Whether the kernels are built and loaded in this process."""
+    return _loaded
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of float32 ``[N, V]`` logits: argmax (first on ties), its log-probability,
+    and the entropy of the row's softmax; two passes over the row instead of ~8."""
+    return torch.ops.e3rl.greedy_sample(logits)
 
 
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
@@ -75,3 +88,62 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     ``block_tables``: int64 ``[n, max_blocks]``; ``context_lens``: int64 ``[n]``."""
     torch.ops.e3rl.paged_decode_attention(out, query, k_cache, v_cache, block_tables,
                                           context_lens, scale)
+
+
+def _packed_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), module.e3rl_packed_weight,
+                                             module.bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def pack_linear_weights(model: torch.nn.Module) -> int:
+    """bf16 on CPU: give every ``nn.Linear`` a oneDNN-prepacked copy of its weight and use it.
+
+    At decode sizes (a few rows) oneDNN reads a prepacked weight ~1.4x faster than the plain
+    layout (a 100M model: 15.0 -> 10.5 ms per forward's matrix products at one row, 17.8 ->
+    13.3 ms at 32); results are the same products. The plain weight stays the parameter
+    (state dicts, weight updates); call again after changing weights. Returns the number
+    of layers packed."""
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            module.e3rl_packed_weight = torch.ops.mkldnn._reorder_linear_weight(
+                module.weight.detach(), 32)
+            if "forward" not in module.__dict__:
+                module.forward = _packed_linear_forward.__get__(module)
+            count += 1
+    return count
+
+
+# transformers RMSNorm classes computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) in
+# float32: the native kernel reproduces exactly that (Gemma-style 1 + weight is not listed).
+RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+def _fused_rms_norm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.e3rl.rms_norm(x, module.weight, module.variance_epsilon)
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Run the model's Llama-family RMSNorms through the native one-pass kernel (bf16 on CPU:
+    ~4x faster per call, results equal to transformers' but for rare one-ulp roundings).
+    Each module is checked against its own forward on a random input first. Returns the
+    number of modules switched."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in RMS_NORM_CLASSES or "forward" in module.__dict__:
+            continue
+        weight = module.weight
+        x = torch.randn(4, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            expected = module(x)
+            got = torch.ops.e3rl.rms_norm(x, weight, module.variance_epsilon)
+        if not torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):
+            logger.warning("%s differs from the native RMSNorm; keeping transformers' forward",
+                           type(module).__name__)
+            continue
+        module.forward = _fused_rms_norm_forward.__get__(module)
+        count += 1
+    return count

@@ -375,6 +375,7 @@ class LLMEngine:
         tensors = weights.load_tensors(source)
         weights.validate(self.runner.model, tensors)
         weights.copy_into(self.runner.model, tensors)
+        self.runner.weights_changed()
         for seq in list(self.scheduler.running):
             self.scheduler.running.remove(seq)
             self.scheduler._preempt(seq)

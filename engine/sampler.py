@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 @dataclass(slots=True)
 class SamplingBatch:
@@ -67,9 +69,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     for row, banned in enumerate(batch.banned):
         if banned:
             logits[row, banned] = float("-inf")
+    all_greedy = all(g is None for g in batch.generators)
+    if (all_greedy and batch.max_num_logprobs == 0 and logits.device.type == "cpu"
+            and kernels.loaded()):
+        token_ids, logprobs, entropy = kernels.greedy_sample(logits.contiguous())
+        return SamplerOutput(token_ids, logprobs, -logprobs, entropy, None, None)
     raw_logprobs = logits.log_softmax(-1)  # [N, V]
     greedy = batch.temperatures == 0  # [N]
-    if all(g is None for g in batch.generators):  # all greedy: the raw distribution
+    if all_greedy:  # the raw distribution
         logp = raw_logprobs
     else:
         temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)
