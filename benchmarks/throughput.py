@@ -3,6 +3,7 @@ transformers' own continuous batching, on the same fixed-seed mixed workload, in
 plus batch-1 decode: the engine vs a bare ``model(...)`` + ``DynamicCache`` loop.
 
     .venv/bin/python benchmarks/throughput.py [--dtypes float32,bfloat16] [--skip-cb]
+        [--attention-backend auto|native|sdpa]
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LoadMonitor, bench_model, mixed_workload  # noqa: E402
 
 from e3rl.engine import LLM, SamplingParams  # noqa: E402
+from e3rl.engine.model_runner import tune_cpu_allocator  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def run_engine(path, dtype, work, budget):
+def run_engine(path, dtype, work, budget, attention_backend):
     llm = LLM(path, dtype=dtype, kv_cache_memory_gb=2.0, max_num_seqs=len(work.prompts),
-              max_num_batched_tokens=budget)
+              max_num_batched_tokens=budget, attention_backend=attention_backend)
+    runner = llm.engine.runner
+    print(f"[{dtype}] engine: {runner.attention_backend} decode attention, "
+          f"{runner.num_packed_linears} prepacked linears, {runner.num_fused_norms} fused RMSNorms")
     llm.generate([work.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     t0 = time.perf_counter()
@@ -132,16 +137,21 @@ def main() -> None:
     parser.add_argument("--skip-cb", action="store_true")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--attention-backend", default="auto", help="engine: auto | native | sdpa")
     args = parser.parse_args()
+    # The engine tunes glibc malloc when it starts on CPU (process-wide); do it first so every
+    # system in this run, baselines included, runs with the same allocator settings.
+    tuned = tune_cpu_allocator()
     torch.manual_seed(0)
     path = bench_model()
     work = mixed_workload(args.num_requests)
     print(f"model {path} (Qwen3, ~100M params, random weights); {len(work.prompts)} requests, "
           f"prompts 16-512, outputs 16-256 ({work.num_output_tokens} output tokens); "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; glibc malloc tuned for all systems: {tuned}")
     for dtype in args.dtypes.split(","):
         with LoadMonitor() as load:
-            wall, engine_out = run_engine(path, dtype, work, args.budget)
+            wall, engine_out = run_engine(path, dtype, work, args.budget,
+                                          args.attention_backend)
         tps = work.num_output_tokens / wall
         print(f"[{dtype}] e3rl engine           {tps:8.1f} tok/s  ({wall:6.1f} s, {load.note()})")
         model = None

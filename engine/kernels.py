@@ -42,6 +42,16 @@ def _isa_flags() -> list[str]:
     return []
 
 
+def _build_error_line(exc: Exception) -> str:
+    """The line of a build failure that says what went wrong (the compiler's first error)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    for marker in ("error:", "not found", "No such file", "required"):
+        hit = next((ln for ln in lines if marker in ln), None)
+        if hit is not None:
+            return hit[:300]
+    return lines[-1][:300]
+
+
 def load_cpu_kernels() -> None:
     """Build (first time on this machine) and load the kernels; registers ``torch.ops.e3rl``.
 
@@ -54,15 +64,14 @@ def load_cpu_kernels() -> None:
             raise KernelBuildError(_error)
         from torch.utils.cpp_extension import load
 
+        logger.info("loading e3rl's CPU kernels (compiled on first use on a machine, ~30 s)")
         t0 = time.perf_counter()
         try:
             load(name="e3rl_cpu_kernels", sources=[str(s) for s in _SOURCES],
                  extra_cflags=["-O3", "-fopenmp", *_isa_flags()], is_python_module=False,
                  verbose=False)
         except Exception as exc:  # compiler missing, ninja missing, build error
-            lines = str(exc).strip().splitlines() or [""]
-            detail = next((ln.strip() for ln in lines if "error" in ln.lower()), lines[-1])
-            _error = f"could not build e3rl's CPU kernels ({type(exc).__name__}: {detail})"
+            _error = f"could not build e3rl's CPU kernels ({_build_error_line(exc)})"
             raise KernelBuildError(_error) from exc
         _loaded = True
         logger.info("e3rl CPU kernels ready (%.1f s)", time.perf_counter() - t0)
@@ -132,11 +141,12 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     Each module is checked against its own forward on a random input first. Returns the
     number of modules switched."""
     count = 0
+    generator = torch.Generator(device="cpu").manual_seed(0)  # leave the global RNG alone
     for module in model.modules():
         if type(module).__name__ not in RMS_NORM_CLASSES or "forward" in module.__dict__:
             continue
         weight = module.weight
-        x = torch.randn(4, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        x = torch.randn(4, weight.shape[0], generator=generator).to(weight.dtype)
         with torch.no_grad():
             expected = module(x)
             got = torch.ops.e3rl.rms_norm(x, weight, module.variance_epsilon)

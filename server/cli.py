@@ -42,6 +42,7 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-waiting", "max_waiting", int, "waiting-queue size; past it: 503"),
     ("--num-threads", "num_threads", int, "torch CPU threads (default: cores - 1)"),
     ("--seed", "seed", int, "seed of unseeded requests' random streams"),
+    ("--attention-backend", "attention_backend", str, "decode attention: auto | native | sdpa"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env E3RL_API_KEY)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (413 above)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch threads on CPU; default: "
                                     "all cores but one")
     seed: int = Field(0, description="seed of the random streams of unseeded requests")
+    attention_backend: Literal["auto", "native", "sdpa"] = Field("auto", description="decode attention: auto | native | "
+                                   "sdpa (native: e3rl's C++ paged kernel, CPU only)")
     healing: dict = Field(default_factory=dict, description="server-wide self-healing "
                           "defaults as JSON, e.g. '{\"enabled\": true, \"kappa\": 2}'; a "
                           "request's 'healing' object overrides them (default: off)")
@@ -159,4 +161,5 @@ class Settings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, max_waiting=self.max_waiting,
             num_threads=self.num_threads or default_num_threads(), seed=self.seed,
+            attention_backend=self.attention_backend,
             served_model_name=self.model_name)

@@ -273,6 +273,19 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   }
   TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && out.scalar_type() == k_cache.scalar_type(),
               "query, out and cache must share a dtype");
+  // Block ids index raw memory below: check every one that will be read.
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), max_blocks = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < query.size(0); ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * bs, "context_lens[", s, "] = ", lens[s],
+                " is outside [1, ", max_blocks * bs, "]");
+    for (int64_t b = 0; b * bs < lens[s]; ++b) {
+      const int64_t id = tables[s * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", s, ", ", b, "] = ", id,
+                  " is not a block of the cache (", num_blocks, " blocks)");
+    }
+  }
   switch (query.scalar_type()) {
     case at::kFloat: decode_impl<float>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
     case at::kBFloat16: decode_impl<c10::BFloat16>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;

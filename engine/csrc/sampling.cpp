@@ -48,11 +48,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_sample(const at::Tensor& l
       float m = -std::numeric_limits<float>::infinity();
       Vec vm(m);
       for (int64_t i = 0; i < full; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(row + i));
-      m = reduce(vm, [](float a, float b) { return std::max(a, b); });
-      for (int64_t i = full; i < vocab; ++i) m = std::max(m, row[i]);
+      // NaN-propagating maximum (at::vec::maximum propagates NaN; std::max may drop it)
+      const auto nan_max = [](float a, float b) { return (std::isnan(a) || a > b) ? a : b; };
+      m = reduce(vm, nan_max);
+      for (int64_t i = full; i < vocab; ++i) m = nan_max(m, row[i]);
       int64_t arg = 0;
-      while (arg < vocab && !(row[arg] == m)) ++arg;
-      if (arg == vocab) arg = 0;  // all NaN
+      if (std::isnan(m)) {  // torch.argmax: a NaN is the maximum, the first one wins
+        while (arg < vocab && !std::isnan(row[arg])) ++arg;
+      } else {
+        while (arg < vocab && !(row[arg] == m)) ++arg;
+      }
+      if (arg == vocab) arg = 0;
       // z = x - m (>= a large negative number, so exp(z) * z is 0, not NaN, at -inf)
       const Vec vmax(m), floor(-1e30f);
       Vec vs(0.f), vt(0.f);

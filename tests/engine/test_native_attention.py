@@ -90,3 +90,14 @@ def test_auto_falls_back_to_sdpa_loudly_when_the_kernels_cannot_build(monkeypatc
     with pytest.raises(kernels.KernelBuildError, match="no compiler"):
         model_runner.resolve_attention_backend("native", cpu)
     assert model_runner.resolve_attention_backend("sdpa", cpu) == "sdpa"
+
+
+def test_kernel_refuses_block_ids_outside_the_pool():
+    k_cache = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(1, 4, 64)
+    with pytest.raises(RuntimeError, match="not a block of the cache"):
+        kernels.paged_decode_attention(torch.empty_like(q), q, k_cache, k_cache,
+                                       torch.tensor([[0, 4]]), torch.tensor([20]), 0.125)
+    with pytest.raises(RuntimeError, match="context_lens"):
+        kernels.paged_decode_attention(torch.empty_like(q), q, k_cache, k_cache,
+                                       torch.tensor([[0, 1]]), torch.tensor([33]), 0.125)
