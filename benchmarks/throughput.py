@@ -28,8 +28,7 @@ def run_engine(path, dtype, work, budget, attention_backend):
     llm = LLM(path, dtype=dtype, kv_cache_memory_gb=2.0, max_num_seqs=len(work.prompts),
               max_num_batched_tokens=budget, attention_backend=attention_backend)
     runner = llm.engine.runner
-    print(f"[{dtype}] engine: {runner.attention_backend} decode attention, "
-          f"{runner.num_packed_linears} prepacked linears, {runner.num_fused_norms} fused RMSNorms")
+    print(f"[{dtype}] engine: {runner.attention_backend} decode attention, {runner.fast_paths}")
     llm.generate([work.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     t0 = time.perf_counter()

@@ -99,61 +99,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
                                           context_lens, scale)
 
 
-def _packed_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), module.e3rl_packed_weight,
-                                             module.bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm in one pass (float32 inside, rounded as it does)."""
+    return torch.ops.e3rl.rms_norm(x, weight, eps)
 
-
-def pack_linear_weights(model: torch.nn.Module) -> int:
-    """bf16 on CPU: give every ``nn.Linear`` a oneDNN-prepacked copy of its weight and use it.
-
-    At decode sizes (a few rows) oneDNN reads a prepacked weight ~1.4x faster than the plain
-    layout (a 100M model: 15.0 -> 10.5 ms per forward's matrix products at one row, 17.8 ->
-    13.3 ms at 32); results are the same products. The plain weight stays the parameter
-    (state dicts, weight updates); call again after changing weights. Returns the number
-    of layers packed."""
-    count = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            module.e3rl_packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-                module.weight.detach(), 32)
-            if "forward" not in module.__dict__:
-                module.forward = _packed_linear_forward.__get__(module)
-            count += 1
-    return count
-
-
-# transformers RMSNorm classes computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) in
-# float32: the native kernel reproduces exactly that (Gemma-style 1 + weight is not listed).
-RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-
-
-def _fused_rms_norm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.e3rl.rms_norm(x, module.weight, module.variance_epsilon)
-
-
-def fuse_rms_norms(model: torch.nn.Module) -> int:
-    """Run the model's Llama-family RMSNorms through the native one-pass kernel (bf16 on CPU:
-    ~4x faster per call, results equal to transformers' but for rare one-ulp roundings).
-    Each module is checked against its own forward on a random input first. Returns the
-    number of modules switched."""
-    count = 0
-    generator = torch.Generator(device="cpu").manual_seed(0)  # leave the global RNG alone
-    for module in model.modules():
-        if type(module).__name__ not in RMS_NORM_CLASSES or "forward" in module.__dict__:
-            continue
-        weight = module.weight
-        x = torch.randn(4, weight.shape[0], generator=generator).to(weight.dtype)
-        with torch.no_grad():
-            expected = module(x)
-            got = torch.ops.e3rl.rms_norm(x, weight, module.variance_epsilon)
-        if not torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2):
-            logger.warning("%s differs from the native RMSNorm; keeping transformers' forward",
-                           type(module).__name__)
-            continue
-        module.forward = _fused_rms_norm_forward.__get__(module)
-        count += 1
-    return count

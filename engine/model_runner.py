@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, kernels
+from . import attention, cpu_model, kernels
 from .attention import AttentionMetadata, DecodeGroup, NativeDecode, PrefillChunk
 from .config import EngineConfig
 from .errors import ModelNotSupported
@@ -137,11 +137,9 @@ class ModelRunner:
             attn_implementation=attention.ATTN_IMPLEMENTATION, use_safetensors=True,
         ).to(self.device).eval()
         self.hf_config = self.model.config
-        self.num_packed_linears = self._pack_weights()
-        self.num_fused_norms = self._fuse_norms()
-        if self.num_packed_linears or self.num_fused_norms:
-            logger.info("CPU bf16 fast paths: %d prepacked linear layers, %d fused RMSNorms",
-                        self.num_packed_linears, self.num_fused_norms)
+        self.fast_paths = self._optimize_for_cpu()
+        if self.fast_paths.packed_linears:
+            logger.info("CPU bf16 fast paths: %s", self.fast_paths)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         num_layers = hf_config.num_hidden_layers
         num_heads = hf_config.num_attention_heads
@@ -164,23 +162,16 @@ class ModelRunner:
                     self.attention_backend)
         self._check_attention_routing(num_layers)
 
-    def _pack_weights(self) -> int:
-        """Prepacked bf16 weights for oneDNN on CPU (``kernels.pack_linear_weights``)."""
+    def _optimize_for_cpu(self) -> cpu_model.FastPaths:
+        """bf16 on CPU: prepacked, shared and fused forwards (``cpu_model``). Not for
+        float32, where greedy outputs must stay token-identical to transformers'."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
-            return 0
-        return kernels.pack_linear_weights(self.model)
-
-    def _fuse_norms(self) -> int:
-        """bf16 on CPU with the native kernels: one-pass RMSNorm (``kernels.fuse_rms_norms``).
-        Not for float32, where its different summation order changes last bits and greedy
-        outputs must stay equal to transformers'."""
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not kernels.loaded():
-            return 0
-        return kernels.fuse_rms_norms(self.model)
+            return cpu_model.FastPaths()
+        return cpu_model.optimize(self.model)
 
     def weights_changed(self) -> None:
         """The model's parameters were written in place: refresh derived copies."""
-        self._pack_weights()
+        cpu_model.refresh(self.model)
 
     @staticmethod
     def _pick_dtype(name: str, hf_config) -> torch.dtype:

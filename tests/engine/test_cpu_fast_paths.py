@@ -12,7 +12,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from e3rl.engine import LLM, SamplingParams, kernels
+from e3rl.engine import LLM, SamplingParams, cpu_model, kernels
 from e3rl.engine.model_factory import TINY_CONFIGS, build_random_model
 from e3rl.engine.sampler import SamplingBatch, sample
 
@@ -166,9 +166,9 @@ LlamaRMSNormLookalike.__name__ = "LlamaRMSNorm"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_fuse_rms_norms_switches_listed_classes_only(dtype):
-    assert {cls.__name__ for cls in NORM_CLASSES} <= kernels.RMS_NORM_CLASSES
-    assert "GemmaRMSNorm" not in kernels.RMS_NORM_CLASSES
+def test_optimize_fuses_listed_rms_norms_only(dtype):
+    assert {cls.__name__ for cls in NORM_CLASSES} <= cpu_model.RMS_NORM_CLASSES
+    assert "GemmaRMSNorm" not in cpu_model.RMS_NORM_CLASSES
     listed = {cls.__name__: _norm(cls, 64, dtype, seed=i) for i, cls in enumerate(NORM_CLASSES)}
     gemma = GemmaRMSNorm(64).to(dtype)
     with torch.no_grad():
@@ -181,24 +181,29 @@ def test_fuse_rms_norms_switches_listed_classes_only(dtype):
     with torch.no_grad():
         before = {name: m(x) for name, m in leaves.items()}
 
-    assert kernels.fuse_rms_norms(tree) == 4
+    paths = cpu_model.optimize(tree)
+    assert (paths.fused_norms, paths.packed_linears) == (4, 1)
     for module in listed.values():
         assert "forward" in module.__dict__
-        assert module.forward.__func__ is kernels._fused_rms_norm_forward
+        assert module.forward.__func__ is cpu_model._fused_rms_norm_forward
         with torch.no_grad():
             out = module(x)
         assert torch.equal(out, torch.ops.e3rl.rms_norm(x, module.weight, module.variance_epsilon))
-    for skipped in (gemma, lookalike, tree["linear"]):
+    for skipped in (gemma, lookalike):
         assert "forward" not in skipped.__dict__
+    assert hasattr(tree["linear"], "e3rl_packed_weight")
     with torch.no_grad():
         after = {name: m(x) for name, m in leaves.items()}
-    for name in ("gemma", "lookalike", "linear"):
+    for name in ("gemma", "lookalike"):
         assert torch.equal(after[name], before[name])
+    linear_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(after["linear"].float(), before["linear"].float(),
+                               atol=linear_tol, rtol=linear_tol)
     for name in listed:
         tol = {"atol": 0, "rtol": 1e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
         torch.testing.assert_close(after[f"inner.{name}"].float(),
                                    before[f"inner.{name}"].float(), **tol)
-    assert kernels.fuse_rms_norms(tree) == 0  # already switched; lookalike still refused
+    assert cpu_model.optimize(tree) == cpu_model.FastPaths()  # done; lookalike still refused
 
 
 # -- the bf16 runner: prepacked linears, fused norms, refreshed after weight updates ---------
@@ -221,12 +226,12 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
     runner = llm.engine.runner
     linears = [m for m in runner.model.modules() if isinstance(m, nn.Linear)]
     norms = [m for m in runner.model.modules()
-             if type(m).__name__ in kernels.RMS_NORM_CLASSES]
+             if type(m).__name__ in cpu_model.RMS_NORM_CLASSES]
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head; 2 x (in, post, q_norm, k_norm) + final
-    assert runner.num_packed_linears == len(linears) == 15
-    assert runner.num_fused_norms == len(norms) == 9
+    assert runner.fast_paths.packed_linears == len(linears) == 15
+    assert runner.fast_paths.fused_norms == len(norms) == 9
     assert all("forward" in m.__dict__ and hasattr(m, "e3rl_packed_weight") for m in linears)
-    assert all(m.forward.__func__ is kernels._fused_rms_norm_forward for m in norms)
+    assert all(m.forward.__func__ is cpu_model._fused_rms_norm_forward for m in norms)
 
     before = _greedy_ids(llm)
     llm.update_weights(second, "v2")
@@ -250,7 +255,7 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
 def test_float32_keeps_transformers_paths(tiny_model):
     runner = LLM(tiny_model, dtype="float32", num_kv_blocks=16).engine.runner
     assert runner.dtype == torch.float32
-    assert runner.num_packed_linears == 0 and runner.num_fused_norms == 0
+    assert runner.fast_paths == cpu_model.FastPaths()
     assert not any("forward" in m.__dict__ for m in runner.model.modules())
 
 
@@ -268,5 +273,5 @@ def test_fusing_norms_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    assert kernels.fuse_rms_norms(tree) == 1
+    assert cpu_model.optimize(tree).fused_norms == 1
     assert torch.equal(torch.rand(3), expected)
