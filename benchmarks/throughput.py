@@ -3,12 +3,13 @@ transformers' own continuous batching, on the same fixed-seed mixed workload, in
 plus batch-1 decode: the engine vs a bare ``model(...)`` + ``DynamicCache`` loop.
 
     .venv/bin/python benchmarks/throughput.py [--dtypes float32,bfloat16] [--skip-cb]
-        [--attention-backend auto|native|sdpa]
+        [--attention-backend auto|native|sdpa] [--repeat N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,16 @@ from e3rl.engine.model_runner import tune_cpu_allocator  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def run_engine(path, dtype, work, budget, attention_backend):
+def make_engine(path, dtype, work, budget, attention_backend):
     llm = LLM(path, dtype=dtype, kv_cache_memory_gb=2.0, max_num_seqs=len(work.prompts),
               max_num_batched_tokens=budget, attention_backend=attention_backend)
     runner = llm.engine.runner
     print(f"[{dtype}] engine: {runner.attention_backend} decode attention, {runner.fast_paths}")
     llm.generate([work.prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    return llm
+
+
+def run_engine(llm, work):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     t0 = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=False)
@@ -137,6 +142,8 @@ def main() -> None:
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--attention-backend", default="auto", help="engine: auto | native | sdpa")
+    parser.add_argument("--repeat", type=int, default=1, help="engine and HF static runs, "
+                        "interleaved; the median ratio is printed")
     args = parser.parse_args()
     # The engine tunes glibc malloc when it starts on CPU (process-wide); do it first so every
     # system in this run, baselines included, runs with the same allocator settings.
@@ -148,21 +155,29 @@ def main() -> None:
           f"prompts 16-512, outputs 16-256 ({work.num_output_tokens} output tokens); "
           f"torch threads {torch.get_num_threads()}; glibc malloc tuned for all systems: {tuned}")
     for dtype in args.dtypes.split(","):
-        with LoadMonitor() as load:
-            wall, engine_out = run_engine(path, dtype, work, args.budget,
-                                          args.attention_backend)
-        tps = work.num_output_tokens / wall
-        print(f"[{dtype}] e3rl engine           {tps:8.1f} tok/s  ({wall:6.1f} s, {load.note()})")
-        model = None
-        if not args.skip_static:
-            model = load_hf(path, dtype)
+        llm = make_engine(path, dtype, work, args.budget, args.attention_backend)
+        model = None if args.skip_static else load_hf(path, dtype)
+        ratios = []
+        for _ in range(args.repeat):
+            with LoadMonitor() as load:
+                wall, engine_out = run_engine(llm, work)
+            tps = work.num_output_tokens / wall
+            print(f"[{dtype}] e3rl engine           {tps:8.1f} tok/s  ({wall:6.1f} s, "
+                  f"{load.note()})")
+            if model is None:
+                continue
             with LoadMonitor() as load:
                 hf_wall, hf_out = run_hf_static(model, work, args.hf_batch_size)
             hf_tps = work.num_output_tokens / hf_wall
             same = sum(a == b for a, b in zip(engine_out, hf_out))
+            ratios.append(tps / hf_tps)
             print(f"[{dtype}] HF generate (static, batch {args.hf_batch_size}) {hf_tps:8.1f} tok/s  "
                   f"({hf_wall:6.1f} s, {load.note()})  engine/HF = {tps / hf_tps:.2f}x  "
                   f"[identical outputs {same}/{len(work.prompts)}]")
+        if len(ratios) > 1:
+            print(f"[{dtype}] engine/HF static over {len(ratios)} interleaved runs: "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")
+        del llm
         if not args.skip_cb:
             model = model or load_hf(path, dtype)
             with LoadMonitor() as load:

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -77,13 +78,43 @@ inline void axpy(float p, const float* row, float* acc, int64_t dim) {
 // known at compile time, so queries and accumulators stay in registers.
 //   p[j * bs + t] = scale * q_j . k_t                      (scores_block)
 //   acc_j = acc_j * correction_j + sum_t p[j * bs + t] v_t  (accumulate_block)
+// The four horizontal sums of a0..a3, as one 128-bit vector [sum a0, sum a1, sum a2, sum a3]
+// (a transpose-and-add: ~13 instructions instead of four separate reductions).
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 u = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  const __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0x4E));  // swap 256-bit halves
+  const __m512 w = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // swap 128-bit lanes
+  return _mm512_castps512_ps128(w);
+}
+
 template <int CH, int G, typename T>
 inline void scores_block(const float* qf, const T* kb, int64_t token_stride, int64_t nt,
                          int64_t bs, float scale, float* p) {
   __m512 qr[G][CH];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < CH; ++c) qr[j][c] = _mm512_loadu_ps(qf + j * CH * 16 + c * 16);
-  for (int64_t t = 0; t < nt; ++t) {
+  const __m128 vscale = _mm_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) {  // four tokens at a time: independent chains, shared reductions
+    __m512 acc[G][4];
+    for (int r = 0; r < 4; ++r) {
+      const T* kr = kb + (t + r) * token_stride;
+      __m512 kv[CH];
+      for (int c = 0; c < CH; ++c) kv[c] = load16(kr + c * 16);
+      for (int j = 0; j < G; ++j) {
+        __m512 a = _mm512_mul_ps(qr[j][0], kv[0]);
+        for (int c = 1; c < CH; ++c) a = _mm512_fmadd_ps(qr[j][c], kv[c], a);
+        acc[j][r] = a;
+      }
+    }
+    for (int j = 0; j < G; ++j)
+      _mm_storeu_ps(p + j * bs + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
+  }
+  for (; t < nt; ++t) {
     const T* kr = kb + t * token_stride;
     __m512 kv[CH];
     for (int c = 0; c < CH; ++c) kv[c] = load16(kr + c * 16);
@@ -114,6 +145,30 @@ inline void accumulate_block(const T* vb, int64_t token_stride, int64_t nt, int6
   }
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < CH; ++c) _mm512_storeu_ps(acc + j * CH * 16 + c * 16, ar[j][c]);
+}
+
+// Online-softmax step for one block of scores, in place (p becomes exp(p - new max)); updates
+// the running max m and sum l and returns the factor that rescales earlier accumulations.
+inline float softmax_block(float* p, int64_t nt, float& m, float& l) {
+  using Vec = at::vec::Vectorized<float>;
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < nt; t += 16) {
+    const __mmask16 k = nt - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nt - t)) - 1);
+    mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, p + t));
+  }
+  const float new_max = std::max(m, _mm512_reduce_max_ps(mx));
+  const float correction = std::exp(m - new_max);
+  const Vec vmax(new_max);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < nt; t += 16) {
+    const __mmask16 k = nt - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nt - t)) - 1);
+    const __m512 e = (Vec(_mm512_maskz_loadu_ps(k, p + t)) - vmax).exp_u20();
+    _mm512_mask_storeu_ps(p + t, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  l = l * correction + _mm512_reduce_add_ps(sum);
+  m = new_max;
+  return correction;
 }
 
 template <typename T>
@@ -187,15 +242,6 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
         const int64_t nt = std::min(bs, ctx - b * bs);
         const T* kb = k + block * block_stride + h0 * dim;
         const T* vb = v + block * block_stride + h0 * dim;
-        if ((b + 1) * bs < ctx) {  // the next block is elsewhere in the pool: fetch it early
-          const char* nk = reinterpret_cast<const char*>(k + tables[s * max_blocks + b + 1] * block_stride);
-          const char* nv = reinterpret_cast<const char*>(v + tables[s * max_blocks + b + 1] * block_stride);
-          const int64_t bytes = std::min(bs, ctx - (b + 1) * bs) * token_stride * static_cast<int64_t>(sizeof(T));
-          for (int64_t off = 0; off < bytes; off += 64) {
-            __builtin_prefetch(nk + off);
-            __builtin_prefetch(nv + off);
-          }
-        }
         if (fast_scores) {
           for (int64_t hh = 0; hh < item_kv_heads; ++hh)
             fast_scores(qf.data() + hh * group * dim, kb + hh * dim, token_stride, nt, bs, fscale,
@@ -211,6 +257,9 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
         }
         for (int64_t j = 0; j < item_heads; ++j) {
           float* pj = p.data() + j * bs;
+#if defined(__AVX512F__)
+          corr[j] = softmax_block(pj, nt, m[j], l[j]);
+#else
           float block_max = pj[0];
           for (int64_t t = 1; t < nt; ++t) block_max = std::max(block_max, pj[t]);
           const float new_max = std::max(m[j], block_max);
@@ -225,6 +274,7 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
           l[j] = l[j] * correction + sum;
           m[j] = new_max;
           corr[j] = correction;
+#endif
         }
         if (fast_accumulate) {
           for (int64_t hh = 0; hh < item_kv_heads; ++hh)
