@@ -9,6 +9,7 @@ plus batch-1 decode: the engine vs a bare ``model(...)`` + ``DynamicCache`` loop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -20,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LoadMonitor, bench_model, mixed_workload  # noqa: E402
 
 from e3rl.engine import LLM, SamplingParams  # noqa: E402
+from e3rl.engine.config import EngineConfig  # noqa: E402
+
+ENGINE_DEFAULT_BUDGET = next(f.default for f in dataclasses.fields(EngineConfig)
+                             if f.name == "max_num_batched_tokens")
 from e3rl.engine.model_runner import tune_cpu_allocator  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -137,7 +142,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--hf-batch-size", type=int, default=32)
-    parser.add_argument("--budget", type=int, default=1024, help="tokens per step (engine and CB)")
+    parser.add_argument("--budget", type=int, default=ENGINE_DEFAULT_BUDGET,
+                        help="tokens per step, engine and CB (default: the engine's default)")
     parser.add_argument("--skip-cb", action="store_true")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")

@@ -236,9 +236,11 @@ class LLMEngine:
     def _sample_and_append(self, to_sample: list[tuple[Sequence, int]],
                            logits: torch.Tensor) -> None:
         seqs = [s for s, _ in to_sample]
-        rows = torch.tensor([r for _, r in to_sample], device=logits.device)
+        rows = [r for _, r in to_sample]
         batch = self._sampling_batch(seqs, logits.device)
-        out = sample(logits.index_select(0, rows), batch)
+        if rows != list(range(logits.shape[0])):  # else every row, in order: no copy
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        out = sample(logits, batch)
         token_ids = out.token_ids.tolist()
         logprobs, nll, entropy = out.logprobs.tolist(), out.nll.tolist(), out.entropy.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
