@@ -66,9 +66,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Sample one token per row of ``logits`` [N, V] (float32)."""
-    for row, banned in enumerate(batch.banned):
-        if banned:
-            logits[row, banned] = float("-inf")
+    if any(batch.banned):
+        logits = logits.clone()  # the caller's logits may be an inference tensor; never edit them
+        for row, banned in enumerate(batch.banned):
+            if banned:
+                logits[row, banned] = float("-inf")
     all_greedy = all(g is None for g in batch.generators)
     if (all_greedy and batch.max_num_logprobs == 0 and logits.device.type == "cpu"
             and kernels.loaded()):

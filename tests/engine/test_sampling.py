@@ -149,3 +149,20 @@ def test_logprobs_zero_returns_only_the_sampled_token(llm):
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.5, seed=1, max_tokens=4,
                                                    ignore_eos=True, logprobs=0))[0].outputs[0]
     assert [list(t) for t in out.top_logprobs] == [[tok] for tok in out.token_ids]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_bans_stop_tokens_until_reached(llm, temperature):
+    """The ban is applied to a copy of the step's logits (they are inference tensors: editing
+    them in place crashed the engine loop), and the stop token cannot end the output early."""
+    prompt = [5, 6, 7, 8]
+    base = dict(temperature=temperature, seed=3, max_tokens=6, ignore_eos=True)
+    first = llm.generate([prompt], SamplingParams(**base))[0].outputs[0].token_ids
+    stop = first[0]  # the token the model picks first
+    out = llm.generate([prompt], SamplingParams(**base, stop_token_ids=[stop], min_tokens=3))
+    ids = out[0].outputs[0].token_ids
+    assert len(ids) >= 3 and stop not in ids[:3]
+    # without min_tokens the same request stops at once
+    out = llm.generate([prompt], SamplingParams(**base, stop_token_ids=[stop]))
+    assert out[0].outputs[0].token_ids == [stop] and out[0].outputs[0].finish_reason == "stop"
+    assert llm.generate([prompt], SamplingParams(**base))[0].outputs[0].token_ids == first
