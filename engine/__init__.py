@@ -2,7 +2,7 @@
 
 from .config import EngineConfig
 from .errors import (EngineDead, EngineError, InvalidRequest, ModelNotSupported, QueueFull,
-                     WeightUpdateError)
+                     StepFailed, WeightUpdateError)
 from .llm import LLM
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import CompletionOutput, ErasureEvent, RequestOutput, Segment
@@ -11,5 +11,5 @@ from .sampling_params import SamplingParams
 __all__ = [
     "LLM", "LLMEngine", "EngineConfig", "EngineStats", "SamplingParams", "RequestOutput",
     "CompletionOutput", "ErasureEvent", "Segment", "EngineError", "InvalidRequest",
-    "QueueFull", "EngineDead", "ModelNotSupported", "WeightUpdateError",
+    "QueueFull", "EngineDead", "StepFailed", "ModelNotSupported", "WeightUpdateError",
 ]

@@ -14,12 +14,16 @@ from concurrent.futures import Future
 from typing import Any
 
 from .config import EngineConfig
-from .errors import EngineDead, InvalidRequest, QueueFull
+from .errors import EngineDead, InvalidRequest, QueueFull, StepFailed
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# A step that raises fails only the requests it was running; this many failing steps in a row
+# mean the engine itself is broken, and it stops (EngineDead, /ready 503).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class AsyncEngine:
@@ -42,6 +46,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self.num_step_failures = 0  # in a row
         self.latest_stats: EngineStats = self.engine.stats()
         self.step_listeners: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
 
@@ -156,7 +161,7 @@ class AsyncEngine:
                         self._apply(self._commands.get_nowait())
                 except queue.Empty:
                     pass
-                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                outputs = self._step() if self.engine.has_unfinished_requests() else []
                 for delta in outputs:
                     self._deliver(delta.request_id, delta)
                 for listener in self.step_listeners:
@@ -169,6 +174,25 @@ class AsyncEngine:
             for request_id in list(self._streams):
                 self._deliver(request_id, dead)
             self._fail_pending_calls(dead)
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self.num_step_failures += 1
+            if self.num_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            running = sorted({s.request_id for s in self.engine.scheduler.running})
+            logger.exception("engine step failed (%d in a row); aborting the %d running "
+                             "request(s), serving on", self.num_step_failures, len(running))
+            message = (f"the engine failed while running this request ({type(exc).__name__}); "
+                       "it was aborted")
+            for request_id in running:
+                self.engine.abort(request_id)
+                self._deliver(request_id, StepFailed(message))
+            return []
+        self.num_step_failures = 0
+        return outputs
 
     def _fail_pending_calls(self, error: EngineDead) -> None:
         while True:

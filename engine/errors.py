@@ -24,6 +24,11 @@ class EngineDead(EngineError):
     """The engine loop has stopped (crashed or shut down) and serves no more requests."""
 
 
+class StepFailed(EngineError):
+    """An engine step raised while this request was running: the request was aborted (its
+    blocks freed) and the engine goes on serving the others."""
+
+
 class ModelNotSupported(EngineError):
     """The model directory holds an architecture the engine cannot serve correctly."""
 

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from e3rl.engine.errors import EngineDead, InvalidRequest, QueueFull
+from e3rl.engine.errors import EngineDead, InvalidRequest, QueueFull, StepFailed
 
 from .protocol import error_body
 
@@ -51,6 +51,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDead):
         return APIError(503, str(exc), "service_unavailable", code="engine_dead",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, StepFailed):
+        return APIError(500, str(exc), "internal_error", code="engine_step_failed")
     return APIError(500, "internal server error", "internal_error", code="internal_error")
 
 
@@ -100,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, APIError(exc.status_code, str(exc.detail), type_,
                                                 headers=getattr(exc, "headers", None)))
 
-    for cls in (APIError, InvalidRequest, QueueFull, EngineDead, Exception):
+    for cls in (APIError, InvalidRequest, QueueFull, EngineDead, StepFailed, Exception):
         app.add_exception_handler(cls, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -63,3 +63,56 @@ def test_queue_full_is_refused(tiny_model):
         task.cancel()
 
     asyncio.run(main())
+
+
+POISON = 99  # a prompt starting with this token makes the model step raise
+
+
+def _poison_steps(eng, always=False):
+    """Make the engine's model step raise when a poisoned prompt is scheduled (or always)."""
+    runner = eng.engine.runner
+    execute = runner.execute
+
+    def failing(sched):
+        if always or any(item.seq.token_ids[0] == POISON for item in sched.scheduled):
+            raise RuntimeError("injected step failure")
+        return execute(sched)
+
+    runner.execute = failing
+
+
+def test_a_failing_step_aborts_its_requests_and_the_engine_serves_on(engine, tiny_model):
+    from e3rl.engine import StepFailed
+
+    _poison_steps(engine)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(StepFailed, match="RuntimeError"):
+            await _collect(engine, "bad", [POISON, 6, 7], params)
+        return await _collect(engine, "good", [5, 6, 7], params)
+
+    good = asyncio.run(main())
+    ref = LLM(tiny_model, num_kv_blocks=64).generate([[5, 6, 7]], params)[0]
+    assert good.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert engine.is_alive and engine.num_step_failures == 0
+    assert engine.call(lambda e: e.block_manager.num_free_blocks).result(10) == 24
+    assert engine.call(lambda e: len(e.requests)).result(10) == 0
+
+
+def test_repeated_step_failures_stop_the_engine(engine):
+    from e3rl.engine import EngineDead, StepFailed
+    from e3rl.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
+
+    _poison_steps(engine, always=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        for i in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            with pytest.raises(StepFailed):
+                await _collect(engine, f"r{i}", [5, 6, 7], params)
+        with pytest.raises(EngineDead, match="crashed"):
+            await _collect(engine, "last", [5, 6, 7], params)
+
+    asyncio.run(main())
+    assert not engine.is_alive

@@ -240,3 +240,33 @@ def test_health_and_ready_when_the_engine_died(settings, engine):
         assert client.get("/health").status_code == 503
         assert client.get("/ready").status_code == 503
         assert 'e3rl_engine_alive{model="tiny"} 0.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_engine_step_is_a_500_and_the_server_serves_on(tiny_model, stream):
+    """A step that raises fails the request(s) it was running, with an OpenAI error body that
+    names no internals; the engine stays up and the next request succeeds."""
+    settings = make_settings(tiny_model)
+    engine = make_engine(settings)
+    runner = engine.engine.runner
+    execute = runner.execute
+
+    def failing(sched):
+        if any(item.seq.token_ids[:1] == [99] for item in sched.scheduled):
+            raise RuntimeError("secret detail at /srv/model")
+        return execute(sched)
+
+    runner.execute = failing
+    try:
+        with TestClient(create_app(settings, engine=engine)) as client:
+            r = client.post("/v1/completions", json={**OK, "prompt": [99, 5, 6],
+                                                     "stream": stream})
+            # The step fails before the first chunk, so a stream answers a plain 500 too.
+            _check_error(r, 500, None)
+            error = r.json()["error"]
+            assert error["code"] == "engine_step_failed" and "aborted" in error["message"]
+            assert "secret" not in r.text
+            assert client.post("/v1/completions", json=OK).status_code == 200
+            assert client.get("/ready").status_code == 200
+    finally:
+        engine.shutdown()
