@@ -64,7 +64,7 @@ def load_cpu_kernels() -> None:
             raise KernelBuildError(_error)
         from torch.utils.cpp_extension import load
 
-        logger.info("loading e3rl's CPU kernels (compiled on first use on a machine, ~30 s)")
+        logger.info("loading e3rl's CPU kernels (the first use on a machine compiles them, ~30 s)")
         t0 = time.perf_counter()
         try:
             load(name="e3rl_cpu_kernels", sources=[str(s) for s in _SOURCES],
