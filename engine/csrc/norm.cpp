@@ -56,16 +56,21 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, floa
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
-  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight must be [hidden]");
+  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0),
+              "rms_norm: weight must be [hidden]");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   at::Tensor out = at::empty_like(xc);
   const int64_t n = x.size(-1), rows = n ? xc.numel() / n : 0;
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    rms_norm_rows<T>(xc.data_ptr<T>(), wc.data_ptr<T>(), out.data_ptr<T>(), rows, n, eps);
+  };
   switch (x.scalar_type()) {
-    case at::kFloat: rms_norm_rows<float>(xc.data_ptr<float>(), wc.data_ptr<float>(), out.data_ptr<float>(), rows, n, eps); break;
-    case at::kBFloat16: rms_norm_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, n, eps); break;
-    case at::kHalf: rms_norm_rows<c10::Half>(xc.data_ptr<c10::Half>(), wc.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, n, eps); break;
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
     default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
   }
   return out;

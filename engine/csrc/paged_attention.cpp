@@ -28,6 +28,14 @@
 
 namespace {
 
+// Block kernels: scores of one block for the query heads of one KV head, and the weighted sum
+// of its values into their accumulators (see scores_block / accumulate_block below).
+template <typename T>
+using ScoresFn = void (*)(const float*, const T*, int64_t, int64_t, int64_t, float, float*);
+template <typename T>
+using AccumulateFn = void (*)(const T*, int64_t, int64_t, int64_t, const float*, const float*,
+                              float*);
+
 #if defined(__AVX512F__)
 // 16 floats from 16 elements of the cache's dtype.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -171,10 +179,6 @@ inline float softmax_block(float* p, int64_t nt, float& m, float& l) {
   return correction;
 }
 
-template <typename T>
-using ScoresFn = void (*)(const float*, const T*, int64_t, int64_t, int64_t, float, float*);
-template <typename T>
-using AccumulateFn = void (*)(const T*, int64_t, int64_t, int64_t, const float*, const float*, float*);
 
 template <int CH, typename T>
 bool pick_group(int64_t group, ScoresFn<T>& scores, AccumulateFn<T>& accumulate) {
@@ -217,8 +221,8 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
   // the prefetcher follows) or, with fewer sequences than threads can share, one KV head.
   const int64_t splits = n >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
   const int64_t item_kv_heads = num_kv_heads / splits, item_heads = item_kv_heads * group;
-  void (*fast_scores)(const float*, const T*, int64_t, int64_t, int64_t, float, float*) = nullptr;
-  void (*fast_accumulate)(const T*, int64_t, int64_t, int64_t, const float*, const float*, float*) = nullptr;
+  ScoresFn<T> fast_scores = nullptr;
+  AccumulateFn<T> fast_accumulate = nullptr;
 #if defined(__AVX512F__)
   pick_block_kernels<T>(dim, group, fast_scores, fast_accumulate);
 #endif
@@ -336,10 +340,14 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
                   " is not a block of the cache (", num_blocks, " blocks)");
     }
   }
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    decode_impl<T>(out, query, k_cache, v_cache, block_tables, context_lens, scale);
+  };
   switch (query.scalar_type()) {
-    case at::kFloat: decode_impl<float>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
-    case at::kBFloat16: decode_impl<c10::BFloat16>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
-    case at::kHalf: decode_impl<c10::Half>(out, query, k_cache, v_cache, block_tables, context_lens, scale); break;
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
     default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", query.scalar_type());
   }
 }
