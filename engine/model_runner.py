@@ -251,11 +251,14 @@ class ModelRunner:
                          logits_to_keep=keep_t, **{attention.METADATA_KWARG: meta})
         return ModelRunnerOutput(out.logits[0].float(), sample_rows, prompt_rows)
 
-    def _native_decode(self, tables: list[list[int]], lens: list[int]) -> NativeDecode:
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """``[n, max_blocks]`` long, rows padded with block 0 (never read past a context)."""
         max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        return NativeDecode(0, len(tables),
-                            torch.tensor(padded, dtype=torch.long, device=self.device),
+        return torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long,
+                            device=self.device)
+
+    def _native_decode(self, tables: list[list[int]], lens: list[int]) -> NativeDecode:
+        return NativeDecode(0, len(tables), self._block_tables(tables),
                             torch.tensor(lens, dtype=torch.long, device=self.device))
 
     def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
@@ -269,16 +272,13 @@ class ModelRunner:
         return groups
 
     def _decode_group(self, start: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
-        bs = self.kv_cache.block_size
-        max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        group = DecodeGroup(start, start + len(tables),
-                            torch.tensor(padded, dtype=torch.long, device=self.device))
+        group = DecodeGroup(start, start + len(tables), self._block_tables(tables))
         if all(n == lens[0] for n in lens):
             group.context_len = lens[0]  # equal contexts: slice, no mask
         else:
+            width = group.block_tables.shape[1] * self.kv_cache.block_size
             lens_t = torch.tensor(lens, device=self.device)
-            mask = torch.arange(max_blocks * bs, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+            mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
             group.mask = mask[:, None, None, :]  # [n, 1, 1, L]
         return group
 
