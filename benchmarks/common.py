@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -43,6 +44,15 @@ def mixed_workload(num_requests: int = 32, prompt_range=(16, 512), output_range=
     prompts = [[rng.randrange(4, vocab) for _ in range(rng.randint(*prompt_range))]
                for _ in range(num_requests)]
     return Workload(prompts, [rng.randint(*output_range) for _ in range(num_requests)])
+
+
+def model_workload(model: Path, num_requests: int, prompt_range: str,
+                   output_range: str) -> Workload:
+    """``mixed_workload`` over the vocabulary of the model at ``model``, with the ranges as the
+    scripts' command lines give them ("16,64")."""
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    return mixed_workload(num_requests, tuple(map(int, prompt_range.split(","))),
+                          tuple(map(int, output_range.split(","))), vocab=vocab)
 
 
 class LoadMonitor:

@@ -30,7 +30,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LoadMonitor, bench_model, launch_server, mixed_workload  # noqa: E402
+from common import LoadMonitor, bench_model, launch_server, model_workload  # noqa: E402
 
 from e3rl.engine import LLM, SamplingParams  # noqa: E402
 
@@ -176,9 +176,7 @@ def main() -> None:
     args = p.parse_args()
     if args.model is None:
         args.model = bench_model()
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    work = mixed_workload(args.num_requests, tuple(map(int, args.prompt_range.split(","))),
-                          tuple(map(int, args.output_range.split(","))), vocab=vocab)
+    work = model_workload(args.model, args.num_requests, args.prompt_range, args.output_range)
     total_tokens = work.num_output_tokens
     print(f"model {args.model} ({args.dtype}), {args.num_requests} requests, concurrency "
           f"{args.concurrency}, {total_tokens} output tokens, {args.num_threads} torch "

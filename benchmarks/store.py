@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, LoadMonitor, bench_model, launch_server, mixed_workload  # noqa: E402
+from common import CACHE, LoadMonitor, bench_model, launch_server, model_workload  # noqa: E402
 from serving import run_load  # noqa: E402
 
 from e3rl.engine.model_factory import build_tiny_model  # noqa: E402
@@ -99,9 +98,7 @@ def main() -> None:
     args.dtype = args.dtype or ("float32" if is_tiny else "bfloat16")
     args.num_requests = args.num_requests or (1024 if is_tiny else 128)
     args.block = args.block or (64 if is_tiny else 32)
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    work = mixed_workload(args.num_requests, tuple(map(int, args.prompt_range.split(","))),
-                          tuple(map(int, args.output_range.split(","))), vocab=vocab)
+    work = model_workload(args.model, args.num_requests, args.prompt_range, args.output_range)
     total = work.num_output_tokens
     print(f"model {args.model} ({args.dtype}), {args.num_requests} streaming requests per "
           f"server in blocks of {args.block}, concurrency {args.concurrency}, max-num-seqs "
