@@ -3,6 +3,11 @@
 A swap is all or nothing: every tensor's name, shape and dtype is checked against the
 serving model before the first copy; a bad checkpoint raises ``WeightUpdateError`` and the
 model is untouched. Checkpoints are safetensors only (never pickles).
+
+Tied weights (e.g. ``lm_head.weight`` sharing ``model.embed_tokens.weight`` when
+``tie_word_embeddings``): a checkpoint may leave the tied copy out (``save_pretrained``) or carry
+it (a full ``model.state_dict()``). When carried it must equal its source in the same
+checkpoint, and it is never copied: the tie keeps it equal.
 """
 
 from __future__ import annotations
@@ -56,22 +61,46 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def expected_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors a checkpoint must provide (tied copies excluded)."""
+def tied_weights(model: torch.nn.Module) -> dict[str, str]:
+    """Tied tensor name -> the name of the tensor it shares, for the ties that really hold in
+    ``model`` (same storage): a declared tie of an untied model is not a tie."""
+    declared = getattr(model, "all_tied_weights_keys", None) or getattr(
+        model, "_tied_weights_keys", None) or {}
+    if not isinstance(declared, dict):  # older transformers: a list of targets, no sources
+        return {}
     state = model.state_dict()
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys",
-                                                                   None) or {}
-    if getattr(model.config, "tie_word_embeddings", False) and isinstance(tied, dict):
-        for target in tied:
-            state.pop(target, None)
-    return state
+    tied = {target: source for target, source in declared.items()
+            if target in state and source in state and target != source
+            and state[target].data_ptr() == state[source].data_ptr()
+            and state[target].shape == state[source].shape}
+    for target, source in tied.items():  # a chain a -> b -> c points at its root c
+        for _ in range(len(tied)):
+            source = tied.get(source, source)
+        tied[target] = source
+    return tied
+
+
+def _check_tensor(name: str, new: torch.Tensor, current: torch.Tensor) -> None:
+    """Raise ``WeightUpdateError`` unless ``new`` can replace ``current`` (shape, dtype,
+    finite values)."""
+    if tuple(new.shape) != tuple(current.shape):
+        raise WeightUpdateError(f"tensor {name!r} has shape {tuple(new.shape)}, the model "
+                                f"has {tuple(current.shape)}")
+    if new.dtype != current.dtype:
+        raise WeightUpdateError(f"tensor {name!r} has dtype {new.dtype}, the model has "
+                                f"{current.dtype}")
+    if new.is_floating_point() and not torch.isfinite(new).all():
+        raise WeightUpdateError(f"tensor {name!r} holds NaN or infinite values")
 
 
 def validate(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise ``WeightUpdateError`` unless ``tensors`` matches the model exactly."""
-    expected = expected_tensors(model)
+    """Raise ``WeightUpdateError`` unless ``tensors`` matches the model exactly. A tied tensor
+    may be absent; if present it must equal its source tensor in ``tensors``."""
+    state = model.state_dict()
+    tied = tied_weights(model)
+    expected = {name: t for name, t in state.items() if name not in tied}
     missing = sorted(expected.keys() - tensors.keys())
-    extra = sorted(tensors.keys() - expected.keys())
+    extra = sorted(tensors.keys() - expected.keys() - tied.keys())
     if missing:
         raise WeightUpdateError(f"checkpoint is missing {len(missing)} tensor(s), e.g. "
                                 f"{missing[0]!r}")
@@ -79,15 +108,16 @@ def validate(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         raise WeightUpdateError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. "
                                 f"{extra[0]!r}")
     for name, current in expected.items():
-        new = tensors[name]
-        if tuple(new.shape) != tuple(current.shape):
-            raise WeightUpdateError(f"tensor {name!r} has shape {tuple(new.shape)}, the model "
-                                    f"has {tuple(current.shape)}")
-        if new.dtype != current.dtype:
-            raise WeightUpdateError(f"tensor {name!r} has dtype {new.dtype}, the model has "
-                                    f"{current.dtype}")
-        if new.is_floating_point() and not torch.isfinite(new).all():
-            raise WeightUpdateError(f"tensor {name!r} holds NaN or infinite values")
+        _check_tensor(name, tensors[name], current)
+    for target, source in tied.items():
+        if target not in tensors:
+            continue
+        new = tensors[target]
+        _check_tensor(target, new, state[target])
+        # Only the source is copied; a differing tied copy would be silently dropped.
+        if not torch.equal(new, tensors[source].to(new.device)):
+            raise WeightUpdateError(f"tensor {target!r} is tied to {source!r} but differs "
+                                    "from it")
 
 
 def load_tensors(source: str | os.PathLike | dict | Iterable) -> dict[str, torch.Tensor]:
@@ -106,7 +136,9 @@ def load_tensors(source: str | os.PathLike | dict | Iterable) -> dict[str, torch
 @torch.no_grad()
 def copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy validated tensors into the model's parameters and buffers (in place, so tied
-    weights stay tied)."""
+    weights stay tied; a tied copy is skipped, ``validate`` checked it equals its source)."""
     state = model.state_dict(keep_vars=True)
+    tied = tied_weights(model)
     for name, tensor in tensors.items():
-        state[name].copy_(tensor)
+        if name not in tied:
+            state[name].copy_(tensor)

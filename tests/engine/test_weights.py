@@ -117,3 +117,77 @@ def test_checkpoint_paths_must_stay_inside_the_root(models, tmp_path):
         os.symlink(outside, link)
     with pytest.raises(WeightUpdateError, match="outside"):
         resolve_checkpoint_dir("escape", root)
+
+
+@pytest.fixture(scope="module")
+def tied_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    old = build_tiny_model(root / "old", "llama", seed=1, tie_word_embeddings=True)
+    new = build_tiny_model(root / "new", "llama", seed=2, tie_word_embeddings=True)
+    return old, new
+
+
+def _state_dict(path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def _hf_logprobs(path, prompt: list[int], output_ids: list[int]) -> list[float]:
+    """Hugging Face's log-probability of each output token given everything before it."""
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    ids = prompt + output_ids
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    return [float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(output_ids)]
+
+
+def test_full_state_dict_of_a_tied_model_is_accepted(tied_models):
+    old, new = tied_models
+    state = _state_dict(new)
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    llm = LLM(old, num_kv_blocks=64)
+    before = llm.generate(PROMPTS[1], GREEDY)[0].outputs[0]
+    llm.update_weights(state, "v2")
+    model = llm.engine.runner.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    after = llm.generate(PROMPTS[1], GREEDY)[0].outputs[0]
+    # A tied random model tends to repeat its input, so greedy tokens alone cannot tell the
+    # two weight sets apart: the log-probabilities do.
+    assert after.token_ids == hf_greedy(new, PROMPTS[1:], 16)[0]
+    expected = _hf_logprobs(new, PROMPTS[1], after.token_ids)
+    assert after.logprobs == pytest.approx(expected, abs=1e-4)
+    assert after.logprobs != pytest.approx(_hf_logprobs(old, PROMPTS[1], after.token_ids),
+                                           abs=1e-2)
+    # The directory form (``save_pretrained`` leaves the tied copy out) still works.
+    llm.engine.update_weights(old, "v3")
+    again = llm.generate(PROMPTS[1], GREEDY)[0].outputs[0]
+    assert again.token_ids == before.token_ids
+    assert again.logprobs == pytest.approx(before.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["differs", "shape"])
+def test_tied_tensor_differing_from_its_source_is_refused_whole(tied_models, case):
+    old, new = tied_models
+    state = _state_dict(new)
+    if case == "differs":
+        state["lm_head.weight"] = state["lm_head.weight"] + 0.01
+        match = ("tensor 'lm_head.weight' is tied to 'model.embed_tokens.weight' but differs "
+                 "from it")
+    else:
+        state["lm_head.weight"] = state["lm_head.weight"][:-1].clone()
+        match = "tensor 'lm_head.weight' has shape"
+    llm = LLM(old, num_kv_blocks=64)
+    before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    with pytest.raises(WeightUpdateError, match=match):
+        llm.engine.update_weights(state, "bad")
+    assert llm.weight_version == "0"
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == before
+
+
+def test_untied_model_still_requires_its_own_lm_head(models):
+    old, new, _ = models
+    state = _state_dict(new)
+    state.pop("lm_head.weight")
+    llm = LLM(old, num_kv_blocks=64)
+    with pytest.raises(WeightUpdateError, match="missing 1 tensor"):
+        llm.update_weights(state, "bad")
