@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(sft, SftConfig, required=("out_dir",))
     sft.set_defaults(func=run_train_sft)
-    from . import eval_cli
+    from . import eval_cli, rl_cli
+
+    rl_cli.register(methods)
 
     eval_cli.register(subparsers)
 
