@@ -134,6 +134,9 @@ class RLConfig:
                            "the shipped design; each switch below overrides one).")
     dataset: str = _f("arith-chain", "arith-chain (built-in, train split) or a local "
                                      "JSONL/Parquet file with question/final_answer columns.")
+    arith_min_steps: int = _f(2, "arith-chain: fewest steps per problem (train and built-in "
+                                 "eval data; 5 with max 5 is the harder setting).")
+    arith_max_steps: int = _f(MAX_TRAIN_STEPS, "arith-chain: most steps per problem.")
     eval_data: str = _f("arith-chain:validation", "Held-out problems for the periodic eval "
                                                   "(built-in name or file). Keep the test "
                                                   "split for the final table.")
@@ -242,6 +245,13 @@ class RLConfig:
             raise ValueError("erasure_learning=pairs learns from erasure events, which only "
                              "healed rollouts produce: set heal_rollouts (or use fork)")
         self.healing_options()  # validates the JSON
+        self.arith_config()  # validates the task knobs
+
+    def arith_config(self) -> ArithConfig:
+        """The arith-chain generator knobs of the training stream and built-in eval data."""
+        task = ArithConfig(min_steps=self.arith_min_steps, max_steps=self.arith_max_steps)
+        task.check_split("train")
+        return task
 
     def _resolve_components(self) -> None:
         """Fill unset E3RL switches from the algo; GRPO refuses any switched-on component."""

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arith import SPLITS, TASK_NAME, format_prompt, generate_rows
+from .arith import SPLITS, TASK_NAME, ArithConfig, format_prompt, generate_rows
 
 QUESTION_COLUMNS = ("question", "problem")
 ANSWER_COLUMNS = ("final_answer", "answer")
@@ -35,13 +35,18 @@ def is_builtin(name: str) -> bool:
 
 
 def load_problems(data: str, *, limit: int | None = None, question_column: str | None = None,
-                  answer_column: str | None = None, prompt_format: str = "auto") -> list[Problem]:
-    """Problems of a built-in name or a JSONL / Parquet file."""
+                  answer_column: str | None = None, prompt_format: str = "auto",
+                  arith_config: ArithConfig | None = None) -> list[Problem]:
+    """Problems of a built-in name (drawn with ``arith_config``'s knobs, default: the
+    split's) or a JSONL / Parquet file."""
     if is_builtin(data):
         split = data.split(":", 1)[1]
         if split not in SPLITS:
             raise DataError(f"unknown {TASK_NAME} split {split!r}; choose from {', '.join(SPLITS)}")
-        rows = generate_rows(split, limit or DEFAULT_BUILTIN_SIZE, seed=0)
+        try:
+            rows = generate_rows(split, limit or DEFAULT_BUILTIN_SIZE, seed=0, config=arith_config)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
         return [Problem(r["question"], r["final_answer"], format_prompt(r["question"]), "arith")
                 for r in rows]
     rows = _read_rows(Path(data))

@@ -44,7 +44,8 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     did cannot blow the step up. Masked tokens give exactly 0.
 
     logp, old_logp, advantages, mask: [B, T] -> (per-token loss [B, T], clipped [B, T] bool)."""
-    ratio = torch.exp(logp - old_logp)
+    # Masked positions (padding) get ratio 1, so no inf * 0 can turn into NaN.
+    ratio = torch.exp((logp - old_logp).masked_fill(mask == 0, 0.0))
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     objective = torch.minimum(unclipped, clipped)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from .arith import TASK_NAME, format_prompt, iter_problems
+from .arith import TASK_NAME, ArithConfig, format_prompt, iter_problems
 from .datasets import DataError, Problem, load_problems
 
 
 class PromptStream:
     """``take(n)`` returns the next ``n`` problems; ``position`` counts problems taken."""
 
-    def __init__(self, dataset: str, seed: int, position: int = 0):
+    def __init__(self, dataset: str, seed: int, position: int = 0,
+                 arith_config: ArithConfig | None = None):
         self.dataset = dataset
         self.seed = seed
+        self.arith_config = arith_config
         if dataset == TASK_NAME:
             self._pool = None
         else:
@@ -33,7 +35,7 @@ class PromptStream:
 
     def _problems(self) -> Iterator[Problem]:
         if self._pool is None:
-            for p in iter_problems("train", self.seed):
+            for p in iter_problems("train", self.seed, self.arith_config):
                 yield Problem(p.question, str(p.answer), format_prompt(p.question), "arith")
             return
         epoch = 0

@@ -112,8 +112,9 @@ class Trainer:
         boundary = [boundary] if isinstance(boundary, str) else boundary
         self.boundary_ids = frozenset(i for i in range(len(self.tokenizer))
                                       if any(b in self.tokenizer.decode([i]) for b in boundary))
-        self.prompts = PromptStream(c.dataset, c.seed, position)
-        self.eval_problems = load_problems(c.eval_data, limit=c.eval_problems)
+        self.prompts = PromptStream(c.dataset, c.seed, position, c.arith_config())
+        self.eval_problems = load_problems(c.eval_data, limit=c.eval_problems,
+                                           arith_config=c.arith_config())
         self.log = RunLog(self.out / LOG_FILE, after_step=self.step) if self.rank == 0 else None
         self.last_eval: dict = {}
 
