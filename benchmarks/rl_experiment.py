@@ -14,6 +14,7 @@ skipped, so the script can be stopped and started again. Results land in OUT/SET
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -69,7 +70,7 @@ def run_one(out: Path, setting: str, arm: str, seed: int, budget: int) -> Path:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(out / setting / f"{arm}-s{seed}.log", "a") as log:
             subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT,
-                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     test_file = run_dir / "test.json"
     if not test_file.exists():
         test_file.write_text(json.dumps(score_on_test(run_dir / "final", setting)) + "\n")
@@ -99,7 +100,7 @@ out["num_problems"] = len(problems)
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                            text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
