@@ -87,7 +87,11 @@ class Actor:
         if self.world_size > 1:
             dist.all_reduce(counts[:1])
             dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
-        num_tokens, num_micro = max(counts[0].item(), 1.0), int(counts[1].item())
+        if counts[0].item() == 0:  # nothing to learn from on any rank: no step at all
+            return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "ratio_mean": 1.0,
+                    "grad_norm": 0.0, "logprob_mismatch_mean": 0.0,
+                    "logprob_mismatch_max": 0.0, "num_loss_tokens": 0}
+        num_tokens, num_micro = counts[0].item(), int(counts[1].item())
         # DDP needs the same number of backward passes on every rank: pad with rows whose
         # mask is all zero (they add nothing to the gradient).
         while len(micro) < num_micro:

@@ -134,6 +134,10 @@ class RLConfig:
                            "the shipped design; each switch below overrides one).")
     dataset: str = _f("arith-chain", "arith-chain (built-in, train split) or a local "
                                      "JSONL/Parquet file with question/final_answer columns.")
+    prompt_template: str = _f("{question}", "How a non-arith question becomes a prompt "
+                                            "(a chat template with {question}, e.g. asking "
+                                            "for a \\boxed{} answer); arith-chain prompts "
+                                            "keep the task's format.")
     arith_min_steps: int = _f(2, "arith-chain: fewest steps per problem (train and built-in "
                                  "eval data; 5 with max 5 is the harder setting).")
     arith_max_steps: int = _f(MAX_TRAIN_STEPS, "arith-chain: most steps per problem.")
@@ -245,6 +249,8 @@ class RLConfig:
             raise ValueError("erasure_learning=pairs learns from erasure events, which only "
                              "healed rollouts produce: set heal_rollouts (or use fork)")
         self.healing_options()  # validates the JSON
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {question}")
         self.arith_config()  # validates the task knobs
 
     def arith_config(self) -> ArithConfig:

@@ -19,14 +19,14 @@ class PromptStream:
     """``take(n)`` returns the next ``n`` problems; ``position`` counts problems taken."""
 
     def __init__(self, dataset: str, seed: int, position: int = 0,
-                 arith_config: ArithConfig | None = None):
+                 arith_config: ArithConfig | None = None, template: str = "{question}"):
         self.dataset = dataset
         self.seed = seed
         self.arith_config = arith_config
         if dataset == TASK_NAME:
             self._pool = None
         else:
-            self._pool = load_problems(dataset)  # raises DataError with a one-line reason
+            self._pool = apply_template(load_problems(dataset), template)
             if not self._pool:
                 raise DataError(f"{dataset}: no problems")
         self._iter = self._problems()
@@ -50,3 +50,12 @@ class PromptStream:
         out = [next(self._iter) for _ in range(n)]
         self.position += n
         return out
+
+
+def apply_template(problems: list[Problem], template: str) -> list[Problem]:
+    """``template`` (with ``{question}``) applied to the prompts of non-arith problems."""
+    if template == "{question}":
+        return problems
+    return [p if p.task == "arith" else
+            Problem(p.question, p.answer, template.replace("{question}", p.question), p.task)
+            for p in problems]

@@ -25,7 +25,7 @@ from .credit import assign_credit
 from .datasets import load_problems
 from .evaluate import EvalSettings, evaluate_in_process
 from .forks import choose_forks
-from .prompts import PromptStream
+from .prompts import PromptStream, apply_template
 from .rewards import batch_rewards
 from .rollout import Episode, sample_branches, sample_groups, stream_seed
 from .run_log import RunLog
@@ -55,6 +55,7 @@ class Trainer:
 
         self.config = c = config
         self.rank, self.world = _init_distributed(c.device)
+        self.device = _rank_device(c.device, self.rank)
         self.out = Path(c.output_dir)
         if self.rank == 0:
             if not c.resume and (self.out / LOG_FILE).exists():
@@ -72,7 +73,7 @@ class Trainer:
         dtype = getattr(torch, c.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
-                                                          dtype=dtype).to(c.device)
+                                                          dtype=dtype).to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr,
                                            betas=(c.adam_beta1, c.adam_beta2),
@@ -94,17 +95,17 @@ class Trainer:
         ref = None
         if c.kl_coef > 0:
             ref = AutoModelForCausalLM.from_pretrained(c.model, local_files_only=True,
-                                                       dtype=dtype).to(c.device).eval()
+                                                       dtype=dtype).to(self.device).eval()
             ref.requires_grad_(False)
         ddp = None
         if self.world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=None if c.device == "cpu" else [torch.device(c.device)])
+                self.model, device_ids=None if c.device == "cpu" else [self.device])
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id or 0
         self.actor = Actor(self.model, self.optimizer, c, pad_id, ref, ddp)
-        self.llm = LLM(c.model, dtype=c.dtype, device=c.device, seed=c.seed,
+        self.llm = LLM(c.model, dtype=c.dtype, device=str(self.device), seed=c.seed,
                        kv_cache_memory_gb=c.kv_cache_memory_gb,
                        num_threads=c.num_threads or None)
         self._push_weights()
@@ -112,9 +113,11 @@ class Trainer:
         boundary = [boundary] if isinstance(boundary, str) else boundary
         self.boundary_ids = frozenset(i for i in range(len(self.tokenizer))
                                       if any(b in self.tokenizer.decode([i]) for b in boundary))
-        self.prompts = PromptStream(c.dataset, c.seed, position, c.arith_config())
-        self.eval_problems = load_problems(c.eval_data, limit=c.eval_problems,
-                                           arith_config=c.arith_config())
+        self.prompts = PromptStream(c.dataset, c.seed, position, c.arith_config(),
+                                    c.prompt_template)
+        self.eval_problems = apply_template(
+            load_problems(c.eval_data, limit=c.eval_problems, arith_config=c.arith_config()),
+            c.prompt_template)
         self.log = RunLog(self.out / LOG_FILE, after_step=self.step) if self.rank == 0 else None
         self.last_eval: dict = {}
 
@@ -327,6 +330,15 @@ def _init_distributed(device: str) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_device(device: str, rank: int) -> torch.device:
+    """``cuda`` under torchrun means this rank's own GPU (one GPU per rank)."""
+    if device == "cuda" and dist.is_initialized():
+        local = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(local)
+        return local
+    return torch.device(device)
 
 
 def train_rl(config: RLConfig) -> TrainResult:
