@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .actor import Actor
 from .config import RLConfig
-from .credit import assign_credit
+from .credit import assign_credit, episode_segments
 from .datasets import load_problems
 from .evaluate import EvalSettings, evaluate_in_process
 from .forks import choose_forks
@@ -49,8 +49,6 @@ class Trainer:
     sampled-token budget and writes ``final/``."""
 
     def __init__(self, config: RLConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from e3rl.engine import LLM
 
         self.config = c = config
@@ -67,13 +65,9 @@ class Trainer:
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         resume_dir = ckpt.latest(self.out) if c.resume else None
-        source = str(resume_dir or c.model)
         if c.resume and resume_dir is None:
             logger.info("--resume: no checkpoint in %s yet, starting from %s", self.out, c.model)
-        dtype = getattr(torch, c.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
-                                                          dtype=dtype).to(self.device)
+        self.tokenizer, self.model = _load(str(resume_dir or c.model), c.dtype, self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr,
                                            betas=(c.adam_beta1, c.adam_beta2),
@@ -81,22 +75,10 @@ class Trainer:
         self.step, self.sampled_tokens, self.kept_tokens, position = 0, 0, 0, 0
         self.parent = str(c.model)
         if resume_dir is not None:
-            state = ckpt.load_state(resume_dir)
-            ckpt.restore_optimizer(self.model, self.optimizer, state.optimizer,
-                                   state.meta["param_groups"])
-            ckpt.restore_rng(state.rng, state.meta)
-            self.step = state.step
-            self.sampled_tokens = state.meta["sampled_tokens"]
-            self.kept_tokens = state.meta["kept_tokens"]
-            position = state.meta["data_position"]
-            self.parent = state.meta["version"]
-            logger.info("resumed from %s (step %d, %d sampled tokens)", resume_dir, self.step,
-                        self.sampled_tokens)
+            position = self._restore(resume_dir)
         ref = None
         if c.kl_coef > 0:
-            ref = AutoModelForCausalLM.from_pretrained(c.model, local_files_only=True,
-                                                       dtype=dtype).to(self.device).eval()
-            ref.requires_grad_(False)
+            ref = _load(c.model, c.dtype, self.device)[1].eval().requires_grad_(False)
         ddp = None
         if self.world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
@@ -109,10 +91,7 @@ class Trainer:
                        kv_cache_memory_gb=c.kv_cache_memory_gb,
                        num_threads=c.num_threads or None)
         self._push_weights()
-        boundary = c.healing_options().get("segment_boundary", ["\n"])
-        boundary = [boundary] if isinstance(boundary, str) else boundary
-        self.boundary_ids = frozenset(i for i in range(len(self.tokenizer))
-                                      if any(b in self.tokenizer.decode([i]) for b in boundary))
+        self.boundary_ids = _boundary_ids(self.tokenizer, c.healing_options())
         self.prompts = PromptStream(c.dataset, c.seed, position, c.arith_config(),
                                     c.prompt_template)
         self.eval_problems = apply_template(
@@ -120,6 +99,20 @@ class Trainer:
             c.prompt_template)
         self.log = RunLog(self.out / LOG_FILE, after_step=self.step) if self.rank == 0 else None
         self.last_eval: dict = {}
+
+    def _restore(self, resume_dir: Path) -> int:
+        """Optimizer, RNG streams and counters from a checkpoint; returns the data position."""
+        state = ckpt.load_state(resume_dir)
+        ckpt.restore_optimizer(self.model, self.optimizer, state.optimizer,
+                               state.meta["param_groups"])
+        ckpt.restore_rng(state.rng, state.meta)
+        self.step = state.step
+        self.sampled_tokens = state.meta["sampled_tokens"]
+        self.kept_tokens = state.meta["kept_tokens"]
+        self.parent = state.meta["version"]
+        logger.info("resumed from %s (step %d, %d sampled tokens)", resume_dir, self.step,
+                    self.sampled_tokens)
+        return state.meta["data_position"]
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -254,8 +247,6 @@ class Trainer:
         return branches, final, len(chosen), len(useful)
 
     def _segments(self, episode: Episode) -> list[tuple[int, int, float]]:
-        from .credit import episode_segments
-
         spans, scores = episode_segments(episode, self.boundary_ids, self.config)
         return [(a, b, s) for (a, b), s in zip(spans, scores)]
 
@@ -330,6 +321,24 @@ def _init_distributed(device: str) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _load(source: str, dtype: str, device: torch.device):
+    """(tokenizer, model) of a local model directory (safetensors; no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
+                                                 dtype=getattr(torch, dtype))
+    return tokenizer, model.to(device)
+
+
+def _boundary_ids(tokenizer, healing: dict) -> frozenset[int]:
+    """Token ids whose text contains a segment boundary (newline by default)."""
+    boundary = healing.get("segment_boundary", ["\n"])
+    boundary = [boundary] if isinstance(boundary, str) else boundary
+    return frozenset(i for i in range(len(tokenizer))
+                     if any(b in tokenizer.decode([i]) for b in boundary))
 
 
 def _rank_device(device: str, rank: int) -> torch.device:
