@@ -10,7 +10,6 @@ pass@1, reward, erasure rate; one colour per run.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from .run_log import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ EVAL_KEYS = ("step", "sampled_tokens", "greedy_pass@1", "sampled_pass@1")
 
 
 @dataclass(slots=True)
-class RunLog:
+class RunCurves:
     """The usable lines of one run's log, in file order."""
 
     label: str
@@ -51,24 +52,6 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _parse_lines(path: Path, lines: list[str]) -> list[dict]:
-    """JSON objects of ``lines``; a bad last line (a run killed mid-write) is skipped with a
-    warning, a bad line elsewhere raises ``ValueError``."""
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    records = []
-    for index, (number, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if index == len(numbered) - 1:
-                logger.warning("%s: ignoring the truncated last line %d", path, number)
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON") from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _number(value: object) -> float:
     """``value`` as a float; 0 when absent or not a number (healing off)."""
     return float(value) if isinstance(value, (int, float)) else 0.0
@@ -78,17 +61,13 @@ def _usable(record: dict, keys: tuple[str, ...]) -> bool:
     return all(isinstance(record.get(k), (int, float)) for k in keys)
 
 
-def read_run(path: Path, label: str) -> RunLog:
+def read_run(path: Path, label: str) -> RunCurves:
     """The train and eval lines of one log. Raises ``ValueError`` for a missing or
     unreadable file, or one without a usable train or eval line."""
     if not path.is_file():
         raise ValueError(f"log file {str(path)!r} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read log file {str(path)!r}: {exc}") from None
-    run = RunLog(label)
-    for record in _parse_lines(path, lines):
+    run = RunCurves(label)
+    for record in read_records(path):
         event = record.get("event")
         if event == "train" and _usable(record, TRAIN_KEYS):
             run.train.append(record)
@@ -99,7 +78,7 @@ def read_run(path: Path, label: str) -> RunLog:
     return run
 
 
-def _draw_run(axes: list, run: RunLog, color: str) -> None:
+def _draw_run(axes: list, run: RunCurves, color: str) -> None:
     """One run's lines on the three panels (pass@1, reward, erasure rate)."""
     pass_ax, reward_ax, erasure_ax = axes
     if run.evals:

@@ -31,17 +31,23 @@ class RunLog:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of a log; a truncated last line (a run killed mid-write) is skipped."""
+    """The JSON objects of a log, in order. A bad last line (a run killed mid-write) is
+    skipped with a warning; a bad line elsewhere, or an unreadable file, raises
+    ``ValueError``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read log file {str(path)!r}: {exc}") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for index, (number, line) in enumerate(numbered):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):
-                logger.warning("%s: skipping a truncated last line", path)
+            if index == len(numbered) - 1:
+                logger.warning("%s: ignoring the truncated last line %d", path, number)
                 continue
-            raise ValueError(f"{path}:{n}: not a JSON line") from None
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+        if isinstance(record, dict):
+            records.append(record)
     return records
