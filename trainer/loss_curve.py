@@ -9,15 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+from .plot import rolling_mean  # noqa: E402
 
 
 def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> Path:
@@ -30,7 +22,7 @@ def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> P
         steps = [r["step"] for r in train]
         losses = [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
-        ax.plot(steps, _smooth(losses, 20), color="tab:blue", label="train loss (20-step mean)")
+        ax.plot(steps, rolling_mean(losses, 20), color="tab:blue", label="train loss (20-step mean)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
                 color="tab:orange", label="validation loss")
