@@ -94,3 +94,21 @@ def test_corrupt_line_in_the_middle_is_refused(tmp_path):
 def test_rolling_mean_hand_values():
     assert rolling_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert rolling_mean([], 10) == []
+
+
+def test_train_plot_cli(tmp_path):
+    import subprocess
+    import sys
+
+    e3rl = Path(sys.executable).parent / "e3rl"
+    a = _write_log(tmp_path / "grpo" / "train_log.jsonl", 12, healing=False)
+    b = _write_log(tmp_path / "e3rl" / "train_log.jsonl", 12, healing=True)
+    out = tmp_path / "curves.png"
+    done = subprocess.run([str(e3rl), "train", "plot", str(a), str(b), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _is_png(out)
+    bad = subprocess.run([str(e3rl), "train", "plot", str(a), str(b), "--out", str(out),
+                          "--labels", "only-one"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "e3rl: error: --labels has 1 names for 2 logs"
