@@ -138,6 +138,10 @@ def summarize(out: Path) -> dict:
         if "grpo" in runs:  # GRPO's plateau: mean over seeds of its last three evals
             plateau = statistics.mean(statistics.mean(v for _, v in r["val_greedy"][-3:])
                                       for r in runs["grpo"])
+        start_file = root / "start.json"
+        if not start_file.exists():
+            start_file.write_text(json.dumps(score_on_test(ROOT / "models" / "arith-chain",
+                                                           setting)) + "\n")
         table = {}
         for arm, rs in runs.items():
             def stat(values: list[float]) -> dict:
@@ -152,7 +156,8 @@ def summarize(out: Path) -> dict:
                                           for r in rs]),
                 "tokens_to_grpo_plateau": reach, "seeds": [r["seed"] for r in rs],
                 "steps": [r["steps"] for r in rs], "seconds": [r["seconds"] for r in rs]}
-        summary[setting] = {"grpo_val_plateau": plateau, "arms": table}
+        summary[setting] = {"grpo_val_plateau": plateau, "arms": table,
+                            "start_test": json.loads(start_file.read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -163,7 +168,9 @@ def markdown(summary: dict) -> str:
         lines += [f"**{setting}** (GRPO validation plateau, greedy: "
                   f"{(data['grpo_val_plateau'] or 0) * 100:.1f}%)", "",
                   "| arm | seeds | test greedy | test sampled | val greedy (last 3 evals) | "
-                  "sampled tokens to GRPO's plateau |", "|---|---|---|---|---|---|"]
+                  "sampled tokens to GRPO's plateau |", "|---|---|---|---|---|---|",
+                  f"| start | — | {data['start_test']['greedy_pass@1'] * 100:.1f} | "
+                  f"{data['start_test']['sampled_pass@1'] * 100:.1f} | — | — |"]
         for arm, t in data["arms"].items():
             def cell(s: dict) -> str:
                 spread = f" ({s['min'] * 100:.1f}–{s['max'] * 100:.1f})" if s["n"] > 1 else ""
