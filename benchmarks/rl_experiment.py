@@ -39,6 +39,9 @@ ARMS = {
     "e3rl-no-seg": ["--algo", "e3rl", "--no-segment-weights"],
     "e3rl+heal": ["--algo", "e3rl", "--heal-rollouts"],
     "first-reading": ["--algo", "e3rl", "--heal-rollouts", "--erasure-learning", "pairs"],
+    # Variants tried after the main table (validation only decides; 1 seed each).
+    "e3rl-fork8": ["--algo", "e3rl", "--fork-max-per-step", "8"],
+    "e3rl-seg-neg": ["--algo", "e3rl", "--segment-weight-mode", "negative"],
 }
 COMMON = ["--model", str(ROOT / "models" / "arith-chain"), "--group-size", "8",
           "--prompts-per-step", "8", "--lr", "1e-4", "--temperature", "1.0",
@@ -171,7 +174,8 @@ def markdown(summary: dict) -> str:
                   "sampled tokens to GRPO's plateau |", "|---|---|---|---|---|---|",
                   f"| start | — | {data['start_test']['greedy_pass@1'] * 100:.1f} | "
                   f"{data['start_test']['sampled_pass@1'] * 100:.1f} | — | — |"]
-        for arm, t in data["arms"].items():
+        for arm, t in sorted(data["arms"].items(),
+                             key=lambda kv: list(ARMS).index(kv[0]) if kv[0] in ARMS else 99):
             def cell(s: dict) -> str:
                 spread = f" ({s['min'] * 100:.1f}–{s['max'] * 100:.1f})" if s["n"] > 1 else ""
                 return f"{s['mean'] * 100:.1f}{spread}"
