@@ -46,7 +46,8 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
+            await self._reject(send)
+            return await _drain(receive)
         if length is not None:
             return await self.app(scope, receive, send)
         # No length given: buffer the body (up to the limit) and replay it.
@@ -59,7 +60,8 @@ class BodySizeLimit:
                 break
             total += len(message.get("body", b""))
             if total > self.max_bytes:
-                return await self._reject(send)
+                await self._reject(send)
+                return await _drain(receive) if message.get("more_body", False) else None
             if not message.get("more_body", False):
                 break
 
@@ -78,6 +80,30 @@ class BodySizeLimit:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+_DRAIN_MAX_BYTES = 64 * 1024 * 1024
+_DRAIN_MAX_S = 5.0
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body (bounded in bytes and time) before the
+    connection closes. Closing a socket with unread data makes the kernel send a reset,
+    which can destroy the 413 before the client reads it ("lingering close", as nginx does)."""
+    async def drain() -> None:
+        total = 0
+        while total < _DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(drain(), _DRAIN_MAX_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> FastAPI:
