@@ -13,7 +13,7 @@ changes that in one place, behind its switch in `RLConfig`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,6 @@ class CreditStats:
     num_branch_rows: int = 0
     num_stale_tokens: int = 0
     segment_weight_max: float = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 def episode_segments(episode: Episode, boundary_ids: frozenset[int],

@@ -175,6 +175,8 @@ class Trainer:
                   "groups_sampled": info["sampled"], "num_forks": int(forks),
                   "informative_forks": int(useful), "entropy": entropy / max(kept_tokens, 1),
                   "erasure_rate": erasures / max(segments, 1), "stale_tokens": int(stale),
+                  "pair_rows": credit.num_pair_rows, "branch_rows": credit.num_branch_rows,
+                  "segment_weight_max": credit.segment_weight_max,
                   "lr": self.optimizer.param_groups[0]["lr"], **stats,
                   "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_push_s": t3 - t2,
                   "time_step_s": t3 - t0}

@@ -4,7 +4,6 @@ a kill, torchrun data parallelism, the CLI. Runs are tiny (a few prompts, a few 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
