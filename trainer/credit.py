@@ -44,13 +44,16 @@ class CreditStats:
     segment_weight_max: float = 1.0
 
 
-def episode_segments(episode: Episode, boundary_ids: frozenset[int],
-                     config: RLConfig) -> tuple[list[tuple[int, int]], list[float]]:
-    """Segment spans of an episode's output and their mean-NLL scores."""
+def segment_limits(config: RLConfig) -> tuple[int, int]:
+    """(min, max) tokens per segment, from the healing options (the healer's defaults)."""
     options = config.healing_options()
-    spans = adv.segment_spans(episode.output_ids, boundary_ids,
-                              options.get("min_segment_tokens", 2),
-                              options.get("max_segment_tokens", 64))
+    return options.get("min_segment_tokens", 2), options.get("max_segment_tokens", 64)
+
+
+def episode_segments(episode: Episode, boundary_ids: frozenset[int],
+                     limits: tuple[int, int]) -> tuple[list[tuple[int, int]], list[float]]:
+    """Segment spans of an episode's output and their mean-NLL scores."""
+    spans = adv.segment_spans(episode.output_ids, boundary_ids, *limits)
     nll = episode.nll
     scores = [sum(nll[a:b]) / (b - a) for a, b in spans]
     return spans, scores
@@ -67,13 +70,14 @@ def assign_credit(groups: list[list[Episode]], branches: dict[int, list[Episode]
     group_adv = adv.group_advantages(rewards) if groups else rewards
     episodes = [e for group in groups for e in group]
     flat_adv = group_adv.flatten().tolist()
+    limits = segment_limits(config)
     rows: list[TrainRow] = []
     episode_rows: dict[int, TrainRow] = {}
     pairs: list[tuple[int, object]] = []  # (episode index, erasure event)
     for i, (episode, a) in enumerate(zip(episodes, flat_adv)):
         token_adv = [a] * len(episode.output_ids)
         if config.segment_weights and (config.segment_weight_mode == "all" or a < 0):
-            spans, scores = episode_segments(episode, boundary_ids, config)
+            spans, scores = episode_segments(episode, boundary_ids, limits)
             if len(spans) > 1:
                 w = adv.segment_weights(torch.tensor(scores),
                                         torch.tensor([b - s for s, b in spans]),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .actor import Actor
 from .config import RLConfig
-from .credit import assign_credit, episode_segments
+from .credit import assign_credit, episode_segments, segment_limits
 from .datasets import load_problems
 from .evaluate import EvalSettings, evaluate_in_process
 from .forks import choose_forks
@@ -92,6 +92,7 @@ class Trainer:
                        num_threads=c.num_threads or None)
         self._push_weights()
         self.boundary_ids = _boundary_ids(self.tokenizer, c.healing_options())
+        self.segment_limits = segment_limits(c)
         self.prompts = PromptStream(c.dataset, c.seed, position, c.arith_config(),
                                     c.prompt_template)
         self.eval_problems = apply_template(
@@ -249,7 +250,7 @@ class Trainer:
         return branches, final, len(chosen), len(useful)
 
     def _segments(self, episode: Episode) -> list[tuple[int, int, float]]:
-        spans, scores = episode_segments(episode, self.boundary_ids, self.config)
+        spans, scores = episode_segments(episode, self.boundary_ids, self.segment_limits)
         return [(a, b, s) for (a, b), s in zip(spans, scores)]
 
     # -- weights, eval, checkpoints ------------------------------------------------------
