@@ -149,6 +149,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * min(1.0, self.step / c.warmup_steps) if c.warmup_steps else c.lr
         kept, dropped, info = self._collect_groups()
+        sampled = [e for g in kept + dropped for e in g]  # before forks move groups over
+        num_collected = len(kept)
         branches, num_forks, num_informative_forks = {}, 0, 0
         if c.erasure_learning == "fork":
             branches, kept, num_forks, num_informative_forks = self._fork(kept, dropped)
@@ -158,8 +160,7 @@ class Trainer:
         t2 = time.perf_counter()
         self._push_weights()
         t3 = time.perf_counter()
-        sampled = [e for g in kept + dropped for e in g] + [b for bs in branches.values()
-                                                            for b in bs]
+        sampled += [b for bs in branches.values() for b in bs]
         # Sampled = every token the engine drew (erased attempts included); kept = the
         # tokens of the returned outputs.
         totals = self._all_sum([sum(e.num_computed_tokens for e in sampled),
@@ -174,6 +175,7 @@ class Trainer:
                   "sampled_tokens": self.sampled_tokens, "kept_tokens": self.kept_tokens,
                   "reward": info["reward"], "informative_groups": info["informative"],
                   "groups_sampled": info["sampled"], "num_forks": int(forks),
+                  "rescued_groups": len(kept) - num_collected,
                   "informative_forks": int(useful), "entropy": entropy / max(kept_tokens, 1),
                   "erasure_rate": erasures / max(segments, 1), "stale_tokens": int(stale),
                   "pair_rows": credit.num_pair_rows, "branch_rows": credit.num_branch_rows,
