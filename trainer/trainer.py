@@ -153,14 +153,14 @@ class Trainer:
         num_collected = len(kept)
         branches, num_forks, num_informative_forks = {}, 0, 0
         if c.erasure_learning == "fork":
-            branches, kept, num_forks, num_informative_forks = self._fork(kept, dropped)
+            branches, kept, drawn, num_forks, num_informative_forks = self._fork(kept, dropped)
+            sampled += drawn  # every branch drawn, trained on or not
         t1 = time.perf_counter()
         rows, credit = assign_credit(kept, branches, c, self.boundary_ids, self.step - 1)
         stats = self.actor.update(rows)
         t2 = time.perf_counter()
         self._push_weights()
         t3 = time.perf_counter()
-        sampled += [b for bs in branches.values() for b in bs]
         # Sampled = every token the engine drew (erased attempts included); kept = the
         # tokens of the returned outputs.
         totals = self._all_sum([sum(e.num_computed_tokens for e in sampled),
@@ -227,14 +227,14 @@ class Trainer:
     def _fork(self, kept: list[list[Episode]], dropped: list[list[Episode]]):
         """E3RL's fork rule: branch at uncertain segments, finish and grade the branches.
         A dropped (all-equal) group whose fork disagrees joins the batch. Returns the
-        branches keyed by episode index in the final kept list, that list, the number of
-        forks and of informative forks."""
+        branches keyed by episode index in the final kept list, that list, every branch
+        drawn (for the token count), the number of forks and of informative forks."""
         c = self.config
         episodes = [e for g in kept + dropped for e in g]
         budget = max(1, c.fork_max_per_step // self.world)
         chosen = choose_forks([self._segments(e) for e in episodes], c.fork_quantile, budget)
         if not chosen:
-            return {}, kept, 0, 0
+            return {}, kept, [], 0, 0
         parents = [episodes[i] for i, _ in chosen]
         found = sample_branches(
             self.llm, parents, [pos for _, pos in chosen], c.fork_branches,
@@ -249,7 +249,8 @@ class Trainer:
         final = kept + [g for g in dropped if any(id(e) in useful for e in g)]
         index = {id(e): k for k, e in enumerate(e for g in final for e in g)}
         branches = {index[id(p)]: per for p, per in zip(parents, found) if id(p) in index}
-        return branches, final, len(chosen), len(useful)
+        drawn = [b for per in found for b in per]
+        return branches, final, drawn, len(chosen), len(useful)
 
     def _segments(self, episode: Episode) -> list[tuple[int, int, float]]:
         spans, scores = episode_segments(episode, self.boundary_ids, self.segment_limits)

@@ -203,3 +203,20 @@ def test_existing_run_needs_resume(tmp_path):
     (out / "train_log.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="pass --resume"):
         Trainer(small_config(tmp_path))
+
+
+def test_every_sampled_token_is_counted_once_with_forks(tmp_path):
+    """The budget counts each token the engine drew exactly once: every fork branch
+    (trained on or not), and a group that a fork rescues from the dropped ones not twice."""
+    from e3rl.trainer.trainer import Trainer
+
+    trainer = Trainer(small_config(tmp_path, algo="e3rl", seed=1, fork_max_per_step=12))
+    rescued = 0
+    for _ in range(2):
+        drawn = trainer.llm.engine.num_generation_tokens
+        before = trainer.sampled_tokens
+        record = trainer.train_step()
+        rescued += record["rescued_groups"]
+        assert record["num_forks"] > 0
+        assert trainer.sampled_tokens - before == trainer.llm.engine.num_generation_tokens - drawn
+    assert rescued >= 1  # the case the count once got wrong did happen
