@@ -52,11 +52,13 @@ def segment_limits(config: RLConfig) -> tuple[int, int]:
 
 def episode_segments(episode: Episode, boundary_ids: frozenset[int],
                      limits: tuple[int, int]) -> tuple[list[tuple[int, int]], list[float]]:
-    """Segment spans of an episode's output and their mean-NLL scores."""
-    spans = adv.segment_spans(episode.output_ids, boundary_ids, *limits)
-    nll = episode.nll
-    scores = [sum(nll[a:b]) / (b - a) for a, b in spans]
-    return spans, scores
+    """Segment spans of an episode's output and their mean-NLL scores (computed once per
+    episode; the output of an episode never changes)."""
+    if episode.segments is None:
+        spans = adv.segment_spans(episode.output_ids, boundary_ids, *limits)
+        nll = episode.nll
+        episode.segments = (spans, [sum(nll[a:b]) / (b - a) for a, b in spans])
+    return episode.segments
 
 
 def assign_credit(groups: list[list[Episode]], branches: dict[int, list[Episode]],

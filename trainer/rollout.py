@@ -35,6 +35,9 @@ class Episode:
     erasures: list[ErasureEvent] = field(default_factory=list)
     reward: float = 0.0
     fork_position: int = 0  # branches: output position in the parent where they start
+    # (spans, mean-NLL scores) of the output's segments, filled once by
+    # `credit.episode_segments` (the collection, fork and credit steps all read them).
+    segments: tuple[list[tuple[int, int]], list[float]] | None = None
 
     @property
     def nll(self) -> list[float]:
