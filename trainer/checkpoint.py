@@ -70,6 +70,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, tokenizer, optimizer, *,
                  "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                   for g in optimizer.param_groups]}
     (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n")
+    for file in tmp.rglob("*"):  # contents on disk before the rename makes them visible
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(tmp / STATE_DIR)
     _fsync_dir(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
