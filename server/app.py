@@ -46,8 +46,8 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
-            return await _drain(receive)
+            await _drain(receive)
+            return await self._reject(send)
         if length is not None:
             return await self.app(scope, receive, send)
         # No length given: buffer the body (up to the limit) and replay it.
@@ -60,8 +60,9 @@ class BodySizeLimit:
                 break
             total += len(message.get("body", b""))
             if total > self.max_bytes:
-                await self._reject(send)
-                return await _drain(receive) if message.get("more_body", False) else None
+                if message.get("more_body", False):
+                    await _drain(receive)
+                return await self._reject(send)
             if not message.get("more_body", False):
                 break
 
@@ -87,9 +88,11 @@ _DRAIN_MAX_S = 5.0
 
 
 async def _drain(receive: Receive) -> None:
-    """Read and discard the rest of a refused body (bounded in bytes and time) before the
-    connection closes. Closing a socket with unread data makes the kernel send a reset,
-    which can destroy the 413 before the client reads it ("lingering close", as nginx does)."""
+    """Read and discard the rest of a refused body (bounded in bytes and time) *before*
+    answering: once the response is complete the server stops reading and closes, and
+    closing a socket with unread data makes the kernel send a reset, which can destroy the
+    413 before the client reads it. (After the response, ``receive`` only reports a
+    disconnect, so draining then is too late.)"""
     async def drain() -> None:
         total = 0
         while total < _DRAIN_MAX_BYTES:
