@@ -7,6 +7,12 @@ writer, never reused even after retention deleted every row), ``id`` (unique: in
 idempotent), ``created_at`` (age retention), ``num_erasures`` and ``weight_version``
 (filtered pulls). ``schema_version`` holds the file's version; ``migrate`` applies the
 missing steps of ``MIGRATIONS`` at open.
+
+Beside the log (version 3): ``meta`` holds the file's ``store_id``, a random UUID made once,
+when the file gets version 3, so a consumer can tell that a cursor it kept belongs to another
+file (the data directory was wiped or replaced); ``feedback`` holds at most one reward or
+reference per trajectory (deleted with its trajectory); ``consumers`` holds each consumer's
+acknowledged cursor, which bounds retention.
 """
 
 from __future__ import annotations
@@ -39,6 +45,19 @@ MIGRATIONS: list[tuple[str, ...]] = [
      "                           json_extract(body, '$.weight_versions[#-1][1]'))",
      "CREATE INDEX trajectories_with_erasures ON trajectories (seq) WHERE num_erasures > 0",
      "CREATE INDEX trajectories_weight_version ON trajectories (weight_version, seq)"),
+    # 3: the follow loop: the file's identity, feedback per trajectory, consumers' cursors.
+    ("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+     # A version-4 UUID as 32 hex digits (uuid.uuid4().hex's format), made in SQL so the
+     # step stays a plain list of statements.
+     "INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(6)) || '4' ||"
+     " substr(hex(randomblob(2)), 2) || substr('89ab', 1 + abs(random() % 4), 1) ||"
+     " substr(hex(randomblob(2)), 2) || hex(randomblob(6))))",
+     "CREATE TABLE feedback (trajectory_id TEXT PRIMARY KEY, reward REAL, reference TEXT,"
+     " received_at REAL NOT NULL)",
+     "CREATE TRIGGER trajectories_delete_feedback AFTER DELETE ON trajectories"
+     " BEGIN DELETE FROM feedback WHERE trajectory_id = OLD.id; END",
+     "CREATE TABLE consumers (name TEXT PRIMARY KEY, cursor INTEGER NOT NULL,"
+     " updated_at REAL NOT NULL)"),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -59,6 +78,18 @@ def record_row(record: dict[str, Any]) -> tuple[str, float, int, str | None, str
     body = _dumps(record)
     return (record["id"], float(created_at), len(record.get("erasures") or ()),
             None if version is None else str(version), body)
+
+
+def with_feedback(body: str, reward: float | None, reference: str | None,
+                  received_at: float | None) -> str:
+    """A stored body with its ``feedback`` appended (the columns of a ``LEFT JOIN`` of the
+    feedback table: all None when there is none), without parsing the body again. A body is
+    always a non-empty JSON object (it has an ``id``), so replacing its closing brace is safe."""
+    if received_at is None:
+        return f'{body[:-1]},"feedback":null}}'
+    feedback = json.dumps({"reward": reward, "reference": reference,
+                           "received_at": received_at}, separators=(",", ":"))
+    return f'{body[:-1]},"feedback":{feedback}}}'
 
 
 def _dumps(record: dict[str, Any]) -> str:

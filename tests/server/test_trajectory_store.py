@@ -1,5 +1,6 @@
 """The trajectory store: group commit, cursors, idempotence, modes, retention, the queue
-bound, schema migration, and durability (SIGKILL mid-write, graceful close)."""
+bound, schema migration, feedback, settled reads, consumers' acks and the retention they
+bound, and durability (SIGKILL mid-write, graceful close)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 
 import pytest
 
 from e3rl.server.trajectory import trajectory_records
+from e3rl.server.trajectory_schema import MIGRATIONS, record_row
 from e3rl.server.trajectory_store import (SCHEMA_VERSION, TrajectoryStore,
                                           TrajectoryStoreError)
 
@@ -66,8 +69,9 @@ def fetch_everything(store: TrajectoryStore, limit: int, after: int = 0) -> list
         after = cursor
 
 
-def strip_cursor(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "cursor"}
+def strip_read_fields(record: dict) -> dict:
+    """The record as submitted: without ``cursor`` and ``feedback``, added at read time."""
+    return {k: v for k, v in record.items() if k not in ("cursor", "feedback")}
 
 
 # -- group commit, cursors, idempotence ------------------------------------------------------
@@ -89,7 +93,7 @@ def test_paging_covers_everything_once_in_commit_order(store):
     submit_all(store, records)
     for limit in (1, 7, 57, 100):
         got = fetch_everything(store, limit)
-        assert [strip_cursor(r) for r in got] == records
+        assert [strip_read_fields(r) for r in got] == records
         cursors = [r["cursor"] for r in got]
         assert cursors == sorted(set(cursors))
     # Re-reading a range returns the same records.
@@ -324,8 +328,8 @@ def test_opening_a_version_1_file_migrates_it(store_path):
 
     store = TrajectoryStore(store_path)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 2
-        assert [strip_cursor(r) for r in fetch_everything(store, 3)] == records
+        assert store.schema_version == SCHEMA_VERSION == 3
+        assert [strip_read_fields(r) for r in fetch_everything(store, 3)] == records
         page, _ = store.fetch(0, 10, erasures_only=True)
         assert [r["id"] for r in page] == ["req-1:0", "req-3:0"]
         assert [r["id"] for r in store.fetch(0, 10, weight_version="v3")[0]] == ["req-3:0"]
@@ -335,7 +339,7 @@ def test_opening_a_version_1_file_migrates_it(store_path):
     finally:
         store.close()
     check = sqlite3.connect(store_path)
-    assert check.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert check.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     check.close()
 
 
@@ -347,6 +351,222 @@ def test_a_newer_schema_is_refused(store_path):
     conn.close()
     with pytest.raises(TrajectoryStoreError, match="newer"):
         TrajectoryStore(store_path)
+
+
+def make_v2_file(store_path, records: list[dict]) -> None:
+    """A file exactly as schema version 2 left it, holding ``records``."""
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(store_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    for statement in MIGRATIONS[0] + MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.executemany("INSERT INTO trajectories (id, created_at, num_erasures, weight_version,"
+                     " body) VALUES (?, ?, ?, ?, ?)", [record_row(r) for r in records])
+    conn.close()
+
+
+def test_opening_a_version_2_file_migrates_it_and_gives_it_a_stable_store_id(store_path,
+                                                                              tmp_path):
+    records = [make_record(i) for i in range(3)]
+    make_v2_file(store_path, records)
+    store = TrajectoryStore(store_path)
+    try:
+        assert store.schema_version == 3
+        assert [strip_read_fields(r) for r in fetch_everything(store, 10)] == records
+        assert all(r["feedback"] is None for r in fetch_everything(store, 10))
+        store_id = store.store_id
+        assert uuid.UUID(store_id).version == 4 and uuid.UUID(store_id).hex == store_id
+        assert store.consumers() == {} and store.acked_cursor is None
+        assert store.add_feedback("req-1:0", reward=0.5).result(10) is True
+    finally:
+        store.close()
+    store = TrajectoryStore(store_path)  # reopened: same id, feedback kept
+    try:
+        assert store.store_id == store_id
+        assert store.get("req-1:0")["feedback"]["reward"] == 0.5
+    finally:
+        store.close()
+    other = TrajectoryStore(tmp_path / "other.db")
+    try:
+        assert other.store_id != store_id
+    finally:
+        other.close()
+
+
+# -- feedback, settled reads, consumers -----------------------------------------------------
+
+def test_feedback_is_joined_at_read_time_and_a_later_one_replaces_it(store):
+    submit_all(store, [make_record(i) for i in range(3)])
+    assert store.add_feedback("req-1:0", reward=1.0).result(10) is True
+    assert store.add_feedback("req-9:0", reward=1.0).result(10) is False  # not stored
+    page, _ = store.fetch(0, 10)
+    assert [r["feedback"] for r in page][::2] == [None, None]
+    first = page[1]["feedback"]
+    assert first["reward"] == 1.0 and first["reference"] is None
+    assert abs(first["received_at"] - time.time()) < 60
+    assert store.add_feedback("req-1:0", reference="42").result(10) is True
+    feedback = store.get("req-1:0")["feedback"]
+    assert feedback["reward"] is None and feedback["reference"] == "42"
+    # The raw text (served without parsing) says the same, and is strict JSON.
+    rows, _ = store.fetch_raw(0, 10)
+    assert [json.loads(text) for _, text in rows] == [strip_cursor_only(r) for r in
+                                                      store.fetch(0, 10)[0]]
+    for bad in (dict(), dict(reward=1.0, reference="x"), dict(reward=float("nan")),
+                dict(reward=True), dict(reward="1"), dict(reference=3)):
+        with pytest.raises(ValueError):
+            store.add_feedback("req-1:0", **bad)
+
+
+def strip_cursor_only(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "cursor"}
+
+
+def test_resolve_choice_maps_prompt_and_sample_by_n(store):
+    records = []
+    for completion, num_prompts, n in (("cmpl-a", 2, 2), ("cmpl-ab", 1, 1),
+                                       ("chatcmpl-c", 1, 3)):
+        for i in range(num_prompts):
+            for j in range(n):
+                records.append({**make_record(0), "id": f"{completion}-{i}:{j}",
+                                "request_id": f"{completion}-{i}", "index": j, "n": n})
+    submit_all(store, records)
+    assert [store.resolve_choice("cmpl-a", c) for c in range(5)] == [
+        "cmpl-a-0:0", "cmpl-a-0:1", "cmpl-a-1:0", "cmpl-a-1:1", None]
+    assert store.resolve_choice("cmpl-ab", 0) == "cmpl-ab-0:0"
+    assert store.resolve_choice("cmpl-ab", 1) is None
+    assert store.resolve_choice("chatcmpl-c", 2) == "chatcmpl-c-0:2"
+    for unknown in ("cmpl", "cmpl-a-0", "nope", ""):
+        assert store.resolve_choice(unknown, 0) is None
+    # The candidates come from a range on the unique index of ``id``, not a scan.
+    conn = sqlite3.connect(store.path)
+    plan = " ".join(row[-1] for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT json_extract(body, '$.n') FROM trajectories"
+        " WHERE id >= ? AND id < ? LIMIT 1", ("cmpl-a-", "cmpl-a.")))
+    conn.close()
+    assert "USING INDEX" in plan and "(id>? AND id<?)" in plan, plan
+
+
+def test_settled_reads_stop_at_the_first_young_row(store):
+    now = time.time()
+    ages = [100, 100, 1, 100, 100]  # the third row is young: the page stops before it
+    submit_all(store, [make_record(i, created_at=now - age) for i, age in enumerate(ages)])
+    page, cursor = store.fetch(0, 10, settled_s=50)
+    assert [r["id"] for r in page] == ["req-0:0", "req-1:0"] and cursor == 2
+    assert store.fetch(cursor, 10, settled_s=50) == ([], cursor)  # waits; skips nothing
+    assert store.fetch_raw(cursor, 10, settled_s=50) == ([], cursor)
+    page, cursor = store.fetch(cursor, 10, settled_s=0.5)
+    assert [r["id"] for r in page] == ["req-2:0", "req-3:0", "req-4:0"] and cursor == 5
+    assert len(store.fetch(0, 10, settled_s=0)[0]) == 5
+    assert len(store.fetch(0, 10, settled_s=None)[0]) == 5
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            store.fetch(0, 10, settled_s=bad)
+
+
+def test_ack_is_monotonic_and_bounded_by_the_newest_cursor(store):
+    submit_all(store, [make_record(i) for i in range(5)])
+    assert store.ack("trainer", 3).result(10) == 3
+    assert store.ack("trainer", 1).result(10) == 3  # never moves back
+    assert store.ack("eval", 5).result(10) == 5
+    with pytest.raises(ValueError, match="beyond the newest"):
+        store.ack("trainer", 6).result(10)
+    assert store.consumers() == {"eval": 5, "trainer": 3} and store.acked_cursor == 3
+    for consumer, cursor in (("", 1), ("x" * 129, 1), (3, 1), ("t", -1), ("t", True),
+                             ("t", 1.0)):
+        with pytest.raises(ValueError):
+            store.ack(consumer, cursor)
+
+
+def test_writer_jobs_share_a_transaction_and_a_failing_one_undoes_only_itself(store_path):
+    store = TrajectoryStore(store_path)
+    blocker = sqlite3.connect(store_path, isolation_level=None)
+    try:
+        submit_all(store, [make_record(1)])
+        blocker.execute("BEGIN IMMEDIATE")  # the jobs queue up behind the held lock
+
+        def failing(conn):
+            conn.execute("INSERT INTO consumers VALUES ('undone', 1, 0)")
+            raise RuntimeError("job failed")
+
+        transactions = store.num_transactions
+        futures = [store.add_feedback("req-1:0", reward=2.0), store.run_in_writer(failing),
+                   store.ack("kept", 1)]
+        time.sleep(0.1)
+        blocker.execute("ROLLBACK")
+        assert futures[0].result(10) is True and futures[2].result(10) == 1
+        with pytest.raises(RuntimeError, match="job failed"):
+            futures[1].result(10)
+        assert store.consumers() == {"kept": 1}
+        assert store.get("req-1:0")["feedback"]["reward"] == 2.0
+        assert store.num_transactions == transactions  # jobs are not records
+    finally:
+        blocker.close()
+        store.close()
+    with pytest.raises(TrajectoryStoreError, match="closed"):
+        store.ack("late", 1).result(1)
+
+
+def test_retention_with_a_consumer_deletes_only_acknowledged_rows(store_path):
+    store = TrajectoryStore(store_path, retention_rows=2, retention_age_s=600)
+    try:
+        now = time.time()
+        submit_all(store, [make_record(i, created_at=now - 3600) for i in range(10)])
+        assert store.add_feedback("req-0:0", reward=1.0).result(10) is True
+        assert store.add_feedback("req-9:0", reward=1.0).result(10) is True
+        store.ack("trainer", 4).result(10)
+        # Every row is too old and past the 2 newest, but only rows 1-4 were acknowledged.
+        assert store.enforce_retention().result(10) == 4
+        assert [r["cursor"] for r in fetch_everything(store, 100)] == list(range(5, 11))
+        store.ack("trainer", 10).result(10)
+        assert store.enforce_retention().result(10) == 6
+        assert store.count() == 0 and store.last_cursor() == 10
+        assert store.num_retained_deleted == 10 and store.num_evicted_unacked == 0
+        assert store.ack("trainer", 10).result(10) == 10  # the newest cursor outlives its row
+        # A deleted trajectory takes its feedback with it.
+        conn = sqlite3.connect(store_path)
+        assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+        conn.close()
+    finally:
+        store.close()
+
+
+def test_hard_row_cap_evicts_unacknowledged_rows_counted_and_warned(store_path, caplog):
+    store = TrajectoryStore(store_path, max_rows=3)
+    caplog.set_level(logging.WARNING, logger="e3rl.server.trajectory_store")
+    try:
+        submit_all(store, [make_record(i) for i in range(10)])
+        store.ack("trainer", 2).result(10)
+        assert store.enforce_retention().result(10) == 7
+        assert [r["cursor"] for r in fetch_everything(store, 100)] == [8, 9, 10]
+        assert store.num_retained_deleted == 2 and store.num_evicted_unacked == 5
+        [warning] = [r for r in caplog.records if "evicted" in r.getMessage()]
+        assert "evicted 5 " in warning.getMessage()
+        assert store.enforce_retention().result(10) == 0
+    finally:
+        store.close()
+    # Without a consumer nothing is acknowledged: every row over the cap counts as evicted.
+    store = TrajectoryStore(store_path.parent / "nobody.db", max_rows=4)
+    try:
+        submit_all(store, [make_record(i) for i in range(6)])
+        assert store.enforce_retention().result(10) == 2
+        assert store.num_evicted_unacked == 2 and store.count() == 4
+    finally:
+        store.close()
+
+
+def test_mode_none_takes_feedback_and_acks_on_an_existing_file(store_path):
+    store = TrajectoryStore(store_path)
+    submit_all(store, [make_record(1)])
+    store.close()
+    store = TrajectoryStore(store_path, mode="none", max_rows=1, retention_rows=1)
+    try:
+        assert store.add_feedback("req-1:0", reward=0.0).result(10) is True
+        assert store.ack("trainer", 1).result(10) == 1
+        assert store.enforce_retention().result(10) == 0  # mode none never deletes
+    finally:
+        store.close()
 
 
 # -- durability -----------------------------------------------------------------------------
@@ -493,7 +713,7 @@ def test_records_from_a_healing_engine_round_trip(tmp_path, store_path):
     store = TrajectoryStore(store_path)
     try:
         assert submit_all(store, records) == [True, True]
-        assert [strip_cursor(r) for r in fetch_everything(store, 1)] == records
+        assert [strip_read_fields(r) for r in fetch_everything(store, 1)] == records
     finally:
         store.close()
     with pytest.raises(ValueError):
