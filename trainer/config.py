@@ -286,3 +286,135 @@ class RLConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SIGNALS = ("rewards", "reward-free")
+
+
+@dataclass(slots=True)
+class FollowConfig:
+    """Online E³RL from live servers' traffic (``e3rl train follow``).
+
+    The trainer pulls the trajectories every replica logs, turns client feedback (rewards,
+    or reference answers it grades) and erasure events (the reward-free pair rule) into
+    training rows, updates the model, guards the candidate (KL to the reference, entropy
+    floor, optional gate set), writes a checkpoint with the per-replica cursors it covers,
+    pushes the weights to every replica by upload and acknowledges what it used."""
+
+    servers: list = _f(None, "Server base URLs to follow (http://host:port).")
+    servers_file: str = _f("", "A file of server URLs, one per line (re-read every poll).")
+    servers_dns: str = _f("", "HOST:PORT resolved every poll to one server per address "
+                              "(a Kubernetes headless Service).")
+    model: str = _f("", "The model the servers started from (its directory; safetensors).")
+    reference: str = _f("", "Reference model for the KL guard (default: model).")
+    state_dir: str = _f("", "The trainer's own directory: checkpoints, state.json, ledger.")
+    consumer: str = _f("trainer", "Name under which this trainer acknowledges trajectories.")
+    batch_size: int = _f(64, "Usable trajectories per update.")
+    max_updates: int = _f(0, "Stop after this many updates (0: run until stopped).")
+    dry_run: bool = _f(False, "Train and gate, but never push weights or acknowledge.")
+    signals: str = _f("rewards,reward-free", "Which learning signals to use: rewards "
+                                             "(client feedback), reward-free (erasure pairs).")
+    settled_s: float = _f(5.0, "Pull only trajectories at least this old, so feedback sent "
+                               "shortly after a response is seen with it.")
+    poll_interval_s: float = _f(1.0, "Pause between polls when nothing new arrived.")
+    pull_limit: int = _f(256, "Most trajectories per pull request.")
+    max_staleness: int = _f(2, "Drop trajectories whose weights are more than this many "
+                               "updates behind the trainer.")
+    temperature: float = _f(1.0, "Only trajectories sampled at this temperature (with top_p 1, "
+                                 "no top-k/min-p) are used: their logged log-probs are then "
+                                 "the policy's at this temperature.")
+    baseline_momentum: float = _f(0.9, "Rewards of single samples are centred on a running "
+                                       "mean with this momentum (groups: their own mean).")
+    segment_weights: bool = _f(True, "E3RL: spread rewarded samples' advantages over their "
+                                     "segments by score.")
+    segment_alpha: float = _f(0.5, "E3RL: w_k = clip(1 + alpha*max(z_k, 0), 0.5, 2).")
+    pair_delta: float = _f(0.5, "E3RL pairs with a reward: delta = pair_delta * |A|.")
+    lr: float = _f(1e-5, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: off).")
+    updates_per_batch: int = _f(1, "Optimizer updates per batch.")
+    micro_batch_size: int = _f(64, "Sequences per forward/backward.")
+    clip_eps_low: float = _f(0.2, "Lower clip of the importance ratio.")
+    clip_eps_high: float = _f(0.28, "Upper clip of the importance ratio.")
+    dual_clip: float = _f(3.0, "Truncate importance weights of negative-advantage tokens.")
+    kl_coef: float = _f(0.0, "Weight of the k3 KL to the reference in the loss.")
+    max_kl: float = _f(0.05, "Guard: a candidate whose mean KL to the reference on the "
+                             "batch's tokens exceeds this is not pushed (0: off).")
+    min_entropy_ratio: float = _f(0.5, "Guard: a candidate whose mean token entropy on the "
+                                       "batch falls below this fraction of the reference's "
+                                       "is not pushed (0: off).")
+    gate_data: str = _f("", "Gate set: a JSONL of verifiable problems (question, "
+                            "final_answer) or a built-in name; empty: no gate.")
+    gate_problems: int = _f(200, "Problems of the gate set evaluated (greedy pass@1).")
+    gate_margin: float = _f(0.02, "A candidate whose gate pass@1 is more than this below "
+                                  "the serving model's is not pushed.")
+    gate_max_tokens: int = _f(128, "Most tokens per gate completion.")
+    push_timeout_s: float = _f(120.0, "Timeout of one weight upload.")
+    push_retries: int = _f(3, "Attempts per replica and round before it is left for the "
+                              "next round (it is retried every poll until it matches).")
+    request_timeout_s: float = _f(30.0, "Timeout of pulls, acks and version checks.")
+    keep_checkpoints: int = _f(3, "Accepted checkpoints kept on disk (refused ones are kept "
+                                  "for inspection).")
+    metrics_host: str = _f("127.0.0.1", "Bind address of the trainer's /metrics and /health.")
+    metrics_port: int = _f(0, "Port of /metrics and /health (0: no HTTP server).")
+    stall_timeout_s: float = _f(300.0, "/health answers 503 when the loop has not completed "
+                                       "a poll for this long.")
+    dtype: str = _f("float32", "Trainer weights: float32 or bfloat16.")
+    device: str = _f("cpu", "Device of the trainer (cpu, cuda).")
+    num_threads: int = _f(0, "torch CPU threads (0: torch's default).")
+    seed: int = _f(0, "Seed of the trainer's RNG.")
+
+    def __post_init__(self) -> None:
+        self.servers = list(self.servers or [])
+        if not (self.servers or self.servers_file or self.servers_dns):
+            raise ValueError("name the servers to follow: --server URL (repeatable), "
+                             "--servers-file FILE or --servers-dns HOST:PORT")
+        for url in self.servers:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"server URL {url!r} must start with http:// or https://")
+        if self.servers_dns and not _host_port(self.servers_dns):
+            raise ValueError(f"servers_dns must be HOST:PORT, got {self.servers_dns!r}")
+        if not self.model:
+            raise ValueError("model is required (the directory the servers started from)")
+        if not self.state_dir:
+            raise ValueError("state_dir is required")
+        for name in ("batch_size", "pull_limit", "updates_per_batch", "micro_batch_size",
+                     "gate_problems", "gate_max_tokens", "push_retries", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_updates", "settled_s", "poll_interval_s", "max_staleness",
+                     "weight_decay", "grad_clip", "kl_coef", "max_kl", "min_entropy_ratio",
+                     "gate_margin", "num_threads", "segment_alpha", "pair_delta",
+                     "dual_clip", "metrics_port"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be > 0")
+        if not 0 <= self.baseline_momentum < 1:
+            raise ValueError("baseline_momentum must be in [0, 1)")
+        if self.min_entropy_ratio > 1:
+            raise ValueError("min_entropy_ratio must be in [0, 1]")
+        if not (self.push_timeout_s > 0 and self.request_timeout_s > 0
+                and self.stall_timeout_s > 0):
+            raise ValueError("timeouts must be > 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        unknown = set(self.signal_set()) - set(SIGNALS)
+        if unknown or not self.signal_set():
+            raise ValueError(f"signals must name one or more of {', '.join(SIGNALS)}, "
+                             f"got {self.signals!r}")
+        if not self.consumer or len(self.consumer) > 64:
+            raise ValueError("consumer must be a name of 1-64 characters")
+
+    def signal_set(self) -> set[str]:
+        return {s.strip() for s in self.signals.split(",") if s.strip()}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    host, _, port = value.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None

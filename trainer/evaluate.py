@@ -88,13 +88,13 @@ def sampling_options(settings: EvalSettings, index: int) -> dict:
 
 
 def evaluate_in_process(llm, problems: list[Problem], settings: EvalSettings,
-                        analyze_steps: bool = True) -> EvalResult:
+                        analyze_steps: bool = True, progress: bool = True) -> EvalResult:
     """Run through the engine (``e3rl.engine.LLM``)."""
     from e3rl.engine import SamplingParams
 
     params = [SamplingParams(**sampling_options(settings, i)) for i in range(len(problems))]
     start = time.perf_counter()
-    outputs = llm.generate([p.prompt for p in problems], params, use_tqdm=True)
+    outputs = llm.generate([p.prompt for p in problems], params, use_tqdm=progress)
     wall = time.perf_counter() - start
     samples, records = [], []
     for problem, out in zip(problems, outputs):

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .config import RLConfig
+from .config import FollowConfig, RLConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +25,19 @@ def register(methods: argparse._SubParsersAction) -> None:
     rl.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                     help="YAML file of the options below (flags override it).")
     for f in dataclasses.fields(RLConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if f.type in ("bool", "bool | None"):
-            rl.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS, help=help_text)
-        else:
-            rl.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=argparse.SUPPRESS,
-                            help=help_text)
+        _add_field(rl, f)
     rl.set_defaults(func=run_train_rl)
+    follow = methods.add_parser(
+        "follow", help="Learn from live servers' traffic and hot-swap their weights.",
+        description=(FollowConfig.__doc__ or "").strip() + " The admin key comes from "
+        "E3RL_ADMIN_KEY.")
+    follow.add_argument("--server", dest="servers", action="append", metavar="URL",
+                        default=argparse.SUPPRESS, help="A server to follow (repeatable).")
+    for f in dataclasses.fields(FollowConfig):
+        if f.name == "servers":
+            continue
+        _add_field(follow, f)
+    follow.set_defaults(func=run_train_follow)
     plot = methods.add_parser("plot", help="Plot pass@1, reward and erasure rate of RL runs "
                                            "against sampled tokens.")
     plot.add_argument("logs", nargs="+", metavar="LOG", help="train_log.jsonl files.")
@@ -41,6 +45,18 @@ def register(methods: argparse._SubParsersAction) -> None:
     plot.add_argument("--labels", help="Comma-separated labels, one per log (default: the "
                                        "run directory names).")
     plot.set_defaults(func=run_train_plot)
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """A dataclass field as a flag (booleans as --x / --no-x); unset flags stay absent."""
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+    if f.type in ("bool", "bool | None"):
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    else:
+        parser.add_argument(flag, dest=f.name, type=_TYPES[f.type],
+                            default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
@@ -93,6 +109,34 @@ def run_train_rl(args: argparse.Namespace) -> int:
     logger.info("done: %d steps, %d sampled tokens, final model in %s; last eval %s",
                 result.steps, result.sampled_tokens, result.final_dir,
                 {k: round(v, 4) for k, v in result.last_eval.items() if k.endswith("pass@1")})
+    return 0
+
+
+def run_train_follow(args: argparse.Namespace) -> int:
+    """Handler of ``e3rl train follow``."""
+    import os
+
+    from .cli import _setup_logging, fail
+
+    _setup_logging()
+    names = {f.name for f in dataclasses.fields(FollowConfig)}
+    try:
+        config = FollowConfig(**{k: v for k, v in vars(args).items() if k in names})
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+    admin_key = os.environ.get("E3RL_ADMIN_KEY", "")
+    if not admin_key:
+        fail("set E3RL_ADMIN_KEY to the servers' admin key (the trainer pulls and pushes "
+             "through their admin routes)")
+    from .fleet import ReplicaError
+    from .follow import follow
+
+    try:
+        state = follow(config, admin_key)
+    except (ValueError, OSError, ReplicaError) as exc:
+        fail(str(exc))
+    logger.info("stopped at update %d; serving version %s (%s)", state.update, state.version,
+                state.serving)
     return 0
 
 
