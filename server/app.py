@@ -23,9 +23,10 @@ from .logprobs import TokenText
 from .metrics import Metrics
 from .protocol import ErrorResponse, error_body
 from .recorder import TrajectoryRecorder
-from .routes import admin, chat, completions, health, models, tokenize, trajectories
+from .routes import admin, chat, completions, health, models, tokenize, trajectories, upload
 from .settings import Settings
 from .trajectory_store import TrajectoryStore
+from .upload import default_max_upload_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +35,18 @@ __all__ = ["create_app", "get_engine", "get_settings", "get_metrics"]
 
 class BodySizeLimit:
     """Answer 413 to a body over ``max_bytes``: at once when Content-Length says so,
-    otherwise (chunked uploads) as soon as the running total passes the limit."""
+    otherwise (chunked uploads) as soon as the running total passes the limit. The routes in
+    ``exempt_paths`` (exact paths) stream their bodies under a cap of their own."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_reject=None):
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject=None,
+                 exempt_paths: frozenset[str] = frozenset()):
         self.app = app
         self.max_bytes = max_bytes
         self.on_reject = on_reject
+        self.exempt_paths = exempt_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -158,12 +162,14 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     api = _errors(400, 401, 404, 413, 500, 503)
     routers = {completions: api, chat: api, models: api, tokenize: api,
                health: _errors(401, 503), trajectories: _errors(400, 401, 404, 500),
-               admin: _errors(400, 401, 403, 404, 409, 500)}
+               admin: _errors(400, 401, 403, 404, 409, 500),
+               upload: _errors(400, 401, 403, 404, 409, 413, 500)}
     for module, responses in routers.items():
         app.include_router(module.router, responses=responses)
     app.openapi = partial(_openapi, app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
-                       on_reject=lambda: app.state.metrics.record_error(413))
+                       on_reject=lambda: app.state.metrics.record_error(413),
+                       exempt_paths=frozenset({upload.UPLOAD_PATH}))
     return app
 
 
@@ -208,3 +214,9 @@ def open_store(settings: Settings) -> TrajectoryStore | None:
 def _attach(app: FastAPI, engine: AsyncEngine) -> None:
     app.state.engine = engine
     app.state.token_text = TokenText(engine.tokenizer)
+    settings: Settings = app.state.settings
+    app.state.max_upload_bytes = settings.max_upload_bytes or default_max_upload_bytes(
+        engine.engine.runner.model)
+    if settings.checkpoint_dir is not None:
+        logger.info("weight updates from %s; uploads up to %d bytes", settings.checkpoint_dir,
+                    app.state.max_upload_bytes)

@@ -60,6 +60,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--admin-key", "admin_key", str, "key of the admin routes (env E3RL_ADMIN_KEY); unset: "
      "admin routes are off"),
     ("--checkpoint-dir", "checkpoint_dir", str, "directory weight updates must load from"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "largest uploaded checkpoint file (413 "
+     "above; default: the model's parameter bytes + 16 MiB)"),
     ("--healing", "healing", json_object, "server-wide self-healing defaults as JSON, e.g. "
      "'{\"enabled\": true}' (requests override them; default off)"),
 ]

@@ -291,19 +291,28 @@ class DetokenizeResponse(BaseModel):
 
 
 # -- admin ---------------------------------------------------------------------------------
+MAX_VERSION_LENGTH = 128  # of a weight version, however the weights arrive
+
+
 class WeightUpdateRequest(_Strict):
     """A checkpoint directory (inside --checkpoint-dir) and the version it becomes."""
 
     path: StrictStr = Field(min_length=1)
-    version: StrictStr = Field(min_length=1, max_length=128)
+    version: StrictStr = Field(min_length=1, max_length=MAX_VERSION_LENGTH)
 
 
 class WeightUpdateResponse(BaseModel):
+    """The answer of a weight swap, from a directory (``POST /v1/admin/weights``) or an
+    uploaded file (``POST /v1/admin/weights/upload``)."""
+
     object: Literal["weight_update"] = "weight_update"
     version: str
     previous_version: str
-    path: str
+    source: Literal["path", "upload"]
+    path: str | None  # the resolved checkpoint directory; None for an upload
     num_tensors: int
+    num_bytes: int | None = None  # the uploaded file's size; None for a directory
+    receive_s: float | None = None  # receiving the upload into a temporary file
     load_s: float  # reading and validating the checkpoint (off the engine thread)
     swap_s: float  # the engine paused between two steps to copy the tensors
 

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = Field(None, description="directory that weight updates "
                                         "must load from (POST /v1/admin/weights); unset: "
                                         "weight updates are refused")
+    max_upload_bytes: int | None = Field(None, ge=1, description="largest checkpoint file "
+                                         "accepted by POST /v1/admin/weights/upload (413 "
+                                         "above); default: the served model's parameter "
+                                         "bytes plus 16 MiB")
 
     @field_validator("healing")
     @classmethod

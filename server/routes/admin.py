@@ -1,4 +1,6 @@
-"""``POST /v1/admin/weights``: hot-swap the served weights (admin key).
+"""``POST /v1/admin/weights``: hot-swap the served weights from a checkpoint directory on the
+server's filesystem (admin key). ``routes/upload.py`` takes the checkpoint in the request
+body instead; both share ``server/weight_swap.py``.
 
 The checkpoint directory must resolve inside ``--checkpoint-dir`` (no ``..``, no symlink
 escape) and hold safetensors only. It is read and validated in a worker thread while the
@@ -22,9 +24,9 @@ from e3rl.engine import WeightUpdateError
 from e3rl.engine import weights as checkpoint
 from e3rl.engine.async_engine import AsyncEngine
 
+from .. import weight_swap
 from ..auth import require_admin_key
 from ..deps import get_engine, get_settings
-from ..errors import APIError
 from ..protocol import WeightUpdateRequest, WeightUpdateResponse
 from ..settings import Settings
 
@@ -34,15 +36,14 @@ router = APIRouter(dependencies=[Depends(require_admin_key)])
 
 
 def _load(engine: AsyncEngine, path: str, root: Path) -> tuple[Path, dict]:
-    """Resolve, read and validate a checkpoint (worker thread; the engine keeps stepping:
-    validation only reads the model's parameter names, shapes and dtypes)."""
+    """Resolve, read and validate a checkpoint (worker thread; the engine keeps stepping)."""
     try:
         real = checkpoint.resolve_checkpoint_dir(path, root)
     except FileNotFoundError:
         raise WeightUpdateError(f"the checkpoint directory {str(root)!r} does not exist") \
             from None
     tensors = checkpoint.read_safetensors_dir(real)
-    checkpoint.validate(engine.engine.runner.model, tensors)
+    weight_swap.validate(engine, tensors)
     return real, tensors
 
 
@@ -50,36 +51,20 @@ def _load(engine: AsyncEngine, path: str, root: Path) -> tuple[Path, dict]:
 async def update_weights(req: WeightUpdateRequest, request: Request,
                          engine: AsyncEngine = Depends(get_engine),
                          settings: Settings = Depends(get_settings)) -> WeightUpdateResponse:
-    if settings.checkpoint_dir is None:
-        raise APIError(403, "weight updates are off: start the server with --checkpoint-dir "
-                       "DIR (or E3RL_CHECKPOINT_DIR)", "permission_error",
-                       code="weight_updates_disabled")
-    lock: asyncio.Lock = request.app.state.weights_lock
-    if lock.locked():  # no await between this check and the acquire below: no race
-        raise APIError(409, "a weight update is already running; retry when it has finished",
-                       "conflict_error", code="weight_update_in_progress")
-    async with lock:
+    root = weight_swap.checkpoint_root(settings)
+    async with weight_swap.claim(request):
         previous = engine.latest_stats.weight_version
         logger.info("weight update to version %s from %s requested", req.version, req.path)
         t0 = time.monotonic()
         try:
-            path, tensors = await asyncio.to_thread(_load, engine, req.path,
-                                                    settings.checkpoint_dir)
-            t1 = time.monotonic()
-
-            def swap(e) -> None:  # on the engine thread, between two steps
-                e.update_weights(tensors, req.version)
-                engine.latest_stats = e.stats()  # /v1/models and /metrics see it at once
-
-            await asyncio.wrap_future(engine.call(swap))
+            path, tensors = await asyncio.to_thread(_load, engine, req.path, root)
+            load_s = time.monotonic() - t0
+            swap_s = await weight_swap.swap(engine, tensors, req.version)
         except WeightUpdateError as exc:
-            logger.warning("weight update to version %s refused: %s (still serving %s)",
-                           req.version, exc, previous)
-            raise APIError(400, f"checkpoint refused: {exc}; still serving version "
-                           f"{previous}", param="path", code="invalid_checkpoint") from None
-        t2 = time.monotonic()
+            raise weight_swap.refused(exc, req.version, previous, repr(req.path),
+                                      param="path") from None
     logger.info("weights swapped: version %s -> %s from %s (%d tensors; load %.2f s, swap "
-                "%.3f s)", previous, req.version, path, len(tensors), t1 - t0, t2 - t1)
+                "%.3f s)", previous, req.version, path, len(tensors), load_s, swap_s)
     return WeightUpdateResponse(version=req.version, previous_version=previous, path=str(path),
-                                num_tensors=len(tensors), load_s=round(t1 - t0, 4),
-                                swap_s=round(t2 - t1, 4))
+                                source="path", num_tensors=len(tensors),
+                                load_s=round(load_s, 4), swap_s=round(swap_s, 4))
