@@ -23,7 +23,8 @@ from .logprobs import TokenText
 from .metrics import Metrics
 from .protocol import ErrorResponse, error_body
 from .recorder import TrajectoryRecorder
-from .routes import admin, chat, completions, health, models, tokenize, trajectories, upload
+from .routes import (admin, chat, completions, feedback, health, models, tokenize,
+                     trajectories, upload)
 from .settings import Settings
 from .trajectory_store import TrajectoryStore
 from .upload import default_max_upload_bytes
@@ -161,7 +162,8 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     install_error_handlers(app)
     api = _errors(400, 401, 404, 413, 500, 503)
     routers = {completions: api, chat: api, models: api, tokenize: api,
-               health: _errors(401, 503), trajectories: _errors(400, 401, 404, 500),
+               health: _errors(401, 503), trajectories: _errors(400, 401, 404, 409, 500),
+               feedback: _errors(400, 401, 404, 413, 500),
                admin: _errors(400, 401, 403, 404, 409, 500),
                upload: _errors(400, 401, 403, 404, 409, 413, 500)}
     for module, responses in routers.items():
@@ -176,7 +178,8 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
 _ERROR_DESCRIPTIONS = {
     400: "invalid request (the message and `param` name the field)", 401: "missing or wrong key",
     403: "forbidden by the server's configuration", 404: "unknown model or route, or admin "
-    "routes off", 409: "a weight update is already running", 413: "request body too large",
+    "routes off", 409: "a weight update is already running, or an ack names a replaced "
+    "store", 413: "request body too large",
     500: "internal error (no details leak)", 503: "queue full (see Retry-After) or engine down",
 }
 
@@ -208,6 +211,7 @@ def open_store(settings: Settings) -> TrajectoryStore | None:
                            max_queue=settings.store_max_queue,
                            retention_rows=settings.store_retention_rows,
                            retention_age_s=settings.store_retention_age_s,
+                           max_rows=settings.store_max_rows,
                            synchronous=settings.store_synchronous)
 
 

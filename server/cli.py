@@ -52,6 +52,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
      "trajectories"),
     ("--store-retention-age-s", "store_retention_age_s", float, "delete trajectories older "
      "than S seconds"),
+    ("--store-max-rows", "store_max_rows", int, "hard cap on stored trajectories, "
+     "acknowledged or not (evictions are counted)"),
     ("--store-max-queue", "store_max_queue", int, "store writer queue bound; past it "
      "records are dropped and counted"),
     ("--store-wait-s", "store_wait_s", float, "longest a response waits for its "

@@ -2,8 +2,8 @@
 read from the engine's latest ``EngineStats`` at scrape time.
 
 Names carry the ``e3rl_`` prefix and their unit; counters end in ``_total``; labels are only
-``model``, ``finish_reason`` and (for errors) the HTTP ``status``. The erasure rate is
-``rate(e3rl_erasures_total[5m]) / rate(e3rl_segments_total[5m])``.
+``model``, ``finish_reason``, (for errors) the HTTP ``status`` and (for feedback) ``result``.
+The erasure rate is ``rate(e3rl_erasures_total[5m]) / rate(e3rl_segments_total[5m])``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ METRIC_NAMES = (
     "e3rl_recomputed_tokens_total", "e3rl_trajectories_written_total",
     "e3rl_trajectories_dropped_total", "e3rl_trajectories_failed_total",
     "e3rl_trajectories_queued", "e3rl_trajectory_commit_wait_seconds",
-    "e3rl_trajectory_commit_timeouts_total",
+    "e3rl_trajectory_commit_timeouts_total", "e3rl_feedback_total",
+    "e3rl_trajectories_evicted_unacked_total", "e3rl_trajectories_acked_cursor",
 )
+FEEDBACK_RESULTS = ("stored", "not_found", "invalid")
 
 
 class EngineCollector(Collector):
@@ -110,7 +112,10 @@ class StoreCollector(Collector):
                 ("e3rl_trajectories_dropped", "Trajectories not stored because the writer's "
                  "queue was full or the store closed.", "num_dropped"),
                 ("e3rl_trajectories_failed", "Trajectories whose write failed (database "
-                 "error or unserialisable record).", "num_failed")):
+                 "error or unserialisable record).", "num_failed"),
+                ("e3rl_trajectories_evicted_unacked", "Trajectories deleted by the row cap "
+                 "(--store-max-rows) before every consumer had acknowledged them.",
+                 "num_evicted_unacked")):
             c = CounterMetricFamily(name, doc, labels=["model"])
             c.add_metric(m, getattr(store, attr, 0) if store is not None else 0)
             yield c
@@ -118,6 +123,11 @@ class StoreCollector(Collector):
                               "store's writer.", labels=["model"])
         g.add_metric(m, store.queue_size if store is not None else 0)
         yield g
+        acked = GaugeMetricFamily("e3rl_trajectories_acked_cursor", "Smallest cursor "
+                                  "acknowledged by the store's consumers (0 when none): "
+                                  "retention deletes only up to it.", labels=["model"])
+        acked.add_metric(m, (store.acked_cursor or 0) if store is not None else 0)
+        yield acked
 
 
 def _as_number(version: str) -> float:
@@ -164,6 +174,10 @@ class Metrics:
         self.trajectory_timeouts = Counter(
             "e3rl_trajectory_commit_timeouts", "Responses released before their trajectory's "
             "commit because the wait timed out (--store-wait-s).", ["model"], registry=r)
+        self.feedback = Counter("e3rl_feedback", "Feedback requests (POST /v1/feedback) "
+                                "by result: stored, not_found (no such stored choice, or no "
+                                "store) or invalid (a bad body).", ["model", "result"],
+                                registry=r)
         # Label children resolved once: labels() costs ~20 us, and this runs per token.
         self._ttft, self._itl = self.ttft.labels(model), self.itl.labels(model)
         self._e2e, self._queue = self.e2e.labels(model), self.queue.labels(model)
@@ -174,6 +188,9 @@ class Metrics:
                           for reason in ("stop", "length", "abort")}
         self._trajectory_wait = self.trajectory_wait.labels(model)
         self._trajectory_timeouts = self.trajectory_timeouts.labels(model)
+        # Created up front so every result's series exists (at 0) before the first feedback.
+        self._feedback = {result: self.feedback.labels(model, result)
+                          for result in FEEDBACK_RESULTS}
         r.register(EngineCollector(model, get_engine))
         r.register(StoreCollector(model, get_store))
 
@@ -212,6 +229,10 @@ class Metrics:
 
     def record_trajectory_timeout(self) -> None:
         self._trajectory_timeouts.inc()
+
+    def record_feedback(self, result: str) -> None:
+        """One feedback request; ``result`` is one of ``FEEDBACK_RESULTS``."""
+        self._feedback[result].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

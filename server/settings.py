@@ -88,6 +88,10 @@ class Settings(BaseSettings):
                                              "newest trajectories (default: all)")
     store_retention_age_s: float | None = Field(None, gt=0, description="delete trajectories "
                                                 "older than this many seconds (default: never)")
+    store_max_rows: int | None = Field(None, ge=1, description="hard cap on stored "
+                                       "trajectories: the oldest beyond it are deleted even if "
+                                       "no consumer acknowledged them (counted and warned "
+                                       "about); default: no cap")
     store_max_queue: int = Field(10_000, ge=1, description="trajectories waiting for the "
                                  "store's writer; past it they are dropped and counted, a "
                                  "request never blocks")

@@ -246,9 +246,9 @@ class TrajectoryStore:
         retried or reordered ack cannot move a consumer back). A cursor beyond
         ``last_cursor()`` names no point of this log: the future raises ``ValueError``.
         Acknowledged cursors bound retention (see the module docstring)."""
-        if (not isinstance(consumer, str) or not consumer
+        if (not isinstance(consumer, str) or not consumer or not consumer.isprintable()
                 or len(consumer) > MAX_CONSUMER_NAME_LENGTH):
-            raise ValueError(f"consumer must be a non-empty string of at most "
+            raise ValueError(f"consumer must be printable text of 1 to "
                              f"{MAX_CONSUMER_NAME_LENGTH} characters")
         if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
             raise ValueError("cursor must be an integer >= 0")

@@ -42,12 +42,14 @@ def test_store_and_admin_flags(monkeypatch, captured, tiny_model, tmp_path):
     monkeypatch.setenv("E3RL_ADMIN_KEY", "adm")
     assert cli.main(["serve", "--model", str(tiny_model), "--data-dir", str(tmp_path),
                      "--store", "erasures", "--store-retention-rows", "100",
-                     "--store-retention-age-s", "3600", "--store-max-queue", "50",
+                     "--store-retention-age-s", "3600", "--store-max-rows", "1000",
+                     "--store-max-queue", "50",
                      "--store-wait-s", "2", "--store-synchronous", "NORMAL",
                      "--checkpoint-dir", str(tmp_path / "ckpts")]) == 0
     s = captured[0][0].state.settings
     assert s.store_path == tmp_path / "trajectories.sqlite3" and s.store == "erasures"
     assert (s.store_retention_rows, s.store_retention_age_s) == (100, 3600.0)
+    assert s.store_max_rows == 1000
     assert (s.store_max_queue, s.store_wait_s, s.store_synchronous) == (50, 2.0, "NORMAL")
     assert s.admin_key.get_secret_value() == "adm" and s.checkpoint_dir == tmp_path / "ckpts"
 

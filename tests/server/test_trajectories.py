@@ -1,7 +1,8 @@
 """The trajectory store wired into the server: every finished request's trajectories are
 committed before its response is released, and ``GET /v1/trajectories`` pulls them back in
 commit order with stable cursors, as JSON or JSON Lines. Store modes, a stalled writer
-(bounded wait, counted drops), parameter errors and the admin key."""
+(bounded wait, counted drops), parameter errors and the admin key; the store id, settled
+pulls and consumers' acks."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def pull_all(client, limit: int, after: int = 0, **params) -> tuple[list[dict], 
                        headers=ADMIN)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"object", "data", "next_cursor"}
+        assert set(body) == {"object", "data", "next_cursor", "store_id"}
         assert int(r.headers["x-next-cursor"]) == body["next_cursor"]
+        assert r.headers["x-e3rl-store-id"] == body["store_id"]
         page = body["data"]
         assert len(page) <= limit
         if not page:
@@ -156,12 +158,15 @@ def test_live_pull_returns_every_trajectory_in_order_with_its_erasures(server):
 @pytest.mark.parametrize("params, param", [
     ({"after": -1}, "after"), ({"after": "x"}, "after"), ({"limit": 0}, "limit"),
     ({"limit": 10_001}, "limit"), ({"limit": "1.5"}, "limit"), ({"format": "xml"}, "format"),
-    ({"erasures_only": "maybe"}, "erasures_only")])
+    ({"erasures_only": "maybe"}, "erasures_only"), ({"settled_s": "-1"}, "settled_s"),
+    ({"settled_s": "x"}, "settled_s"), ({"settled_s": "nan"}, "settled_s"),
+    ({"settled_s": "inf"}, "settled_s")])
 def test_bad_parameters_are_400_naming_the_parameter(server, params, param):
     r = httpx.get(f"{server.url}/v1/trajectories", params=params, headers=ADMIN)
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
+    assert len(r.headers["x-e3rl-store-id"]) == 32
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
@@ -277,3 +282,103 @@ def test_concurrent_requests_are_all_stored(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         new, _ = pull_all(c, limit=5, after=start["next_cursor"])
     assert sorted(r["id"] for r in new) == sorted(ids) and len(ids) == 24
+
+
+# -- store id, settled pulls, acks -------------------------------------------------------------
+
+@pytest.fixture
+def admin_app(tiny_model):
+    """Settings of an app with the admin key and a fresh store (the session engine is
+    passed in by each test)."""
+    return make_settings(tiny_model, admin_key="adm")
+
+
+def test_store_id_is_in_every_answer_and_stable_across_restarts(admin_app, engine):
+    with TestClient(create_app(admin_app, engine=engine)) as client:
+        _complete(client, prompt="abc")
+        store_id = client.app.state.store.store_id
+        r = client.get("/v1/trajectories", headers=ADMIN)
+        assert r.json()["store_id"] == r.headers["x-e3rl-store-id"] == store_id
+        r = client.get("/v1/trajectories", params={"format": "jsonl"}, headers=ADMIN)
+        assert r.headers["x-e3rl-store-id"] == store_id
+    with TestClient(create_app(admin_app, engine=engine)) as client:
+        assert client.get("/v1/trajectories", headers=ADMIN).json()["store_id"] == store_id
+    other = admin_app.model_copy(update={"data_dir": admin_app.data_dir / "other"})
+    with TestClient(create_app(other, engine=engine)) as client:
+        assert client.get("/v1/trajectories", headers=ADMIN).json()["store_id"] != store_id
+
+
+def test_settled_pull_waits_for_young_records_without_skipping_them(admin_app, engine):
+    with TestClient(create_app(admin_app, engine=engine)) as client:
+        ids = [_complete(client, prompt=f"p{i}")["id"] for i in range(3)]
+        r = client.get("/v1/trajectories", params={"settled_s": "3600"}, headers=ADMIN)
+        assert r.json()["data"] == [] and r.json()["next_cursor"] == 0
+        assert r.headers["x-next-cursor"] == "0"
+        r = client.get("/v1/trajectories", params={"settled_s": "3600", "format": "jsonl"},
+                       headers=ADMIN)
+        assert r.text == "" and r.headers["x-next-cursor"] == "0"
+        body = client.get("/v1/trajectories", params={"settled_s": "0"}, headers=ADMIN).json()
+        assert [rec["id"] for rec in body["data"]] == [f"{i}-0:0" for i in ids]
+        assert all(rec["feedback"] is None for rec in body["data"])
+
+
+def _ack(client, body: dict, headers: dict = ADMIN):
+    return client.post("/v1/trajectories/ack", json=body, headers=headers)
+
+
+def test_ack_is_monotonic_checked_against_the_store_and_exported(admin_app, engine):
+    with TestClient(create_app(admin_app, engine=engine)) as client:
+        for i in range(3):
+            _complete(client, prompt=f"a{i}")
+        store_id = client.get("/v1/trajectories", headers=ADMIN).json()["store_id"]
+        r = _ack(client, {"consumer": "trainer", "cursor": 2, "store_id": store_id})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"object": "trajectories.ack", "consumer": "trainer", "cursor": 2,
+                            "store_id": store_id}
+        assert r.headers["x-e3rl-store-id"] == store_id
+        # A smaller (retried, reordered) ack leaves the cursor; store_id is optional.
+        assert _ack(client, {"consumer": "trainer", "cursor": 1}).json()["cursor"] == 2
+        assert _ack(client, {"consumer": "trainer", "cursor": 3}).json()["cursor"] == 3
+
+        r = _ack(client, {"consumer": "trainer", "cursor": 3, "store_id": "0" * 32})
+        assert r.status_code == 409
+        error = r.json()["error"]
+        assert error["code"] == "store_mismatch" and error["param"] == "store_id"
+        assert "replaced" in error["message"] and store_id in error["message"]
+        assert r.headers["x-e3rl-store-id"] == store_id
+        # An id that is not even well-formed is just another store's (and never echoed);
+        # one that is not valid text is refused as a bad body, never a 500.
+        r = _ack(client, {"consumer": "trainer", "cursor": 3, "store_id": "<x>"})
+        assert r.status_code == 409 and "<x>" not in r.json()["error"]["message"]
+        r = client.post("/v1/trajectories/ack", headers=ADMIN, content=b'{"consumer": '
+                        b'"trainer", "cursor": 3, "store_id": "\\ud800"}')
+        assert r.status_code == 400
+
+        r = _ack(client, {"consumer": "trainer", "cursor": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cursor"
+        assert "beyond the newest" in r.json()["error"]["message"]
+        for body, param in (({"consumer": "t", "cursor": "3"}, "cursor"),
+                            ({"consumer": "t", "cursor": -1}, "cursor"),
+                            ({"consumer": "", "cursor": 1}, "consumer"),
+                            ({"consumer": "a\nb", "cursor": 1}, "consumer"),
+                            ({"cursor": 1}, "consumer"),
+                            ({"consumer": "t", "cursor": 1, "extra": 1}, "extra")):
+            r = _ack(client, body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+        assert client.app.state.store.consumers() == {"trainer": 3}
+
+        text = client.get("/metrics").text
+        samples = {s.name: s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+        assert samples["e3rl_trajectories_acked_cursor"] == 3
+        assert samples["e3rl_trajectories_evicted_unacked_total"] == 0
+
+        r = _ack(client, {"consumer": "trainer", "cursor": 3}, headers={})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_key"
+
+
+def test_ack_without_a_store_is_404(tiny_model, engine):
+    settings = make_settings(tiny_model, admin_key="adm", store="none")
+    with TestClient(create_app(settings, engine=engine)) as client:
+        r = _ack(client, {"consumer": "trainer", "cursor": 0})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "store_disabled"

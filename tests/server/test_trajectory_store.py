@@ -473,7 +473,8 @@ def test_ack_is_monotonic_and_bounded_by_the_newest_cursor(store):
     with pytest.raises(ValueError, match="beyond the newest"):
         store.ack("trainer", 6).result(10)
     assert store.consumers() == {"eval": 5, "trainer": 3} and store.acked_cursor == 3
-    for consumer, cursor in (("", 1), ("x" * 129, 1), (3, 1), ("t", -1), ("t", True),
+    for consumer, cursor in (("", 1), ("x" * 129, 1), (3, 1), ("a\x00", 1), ("\ud800", 1),
+                             ("t", -1), ("t", True),
                              ("t", 1.0)):
         with pytest.raises(ValueError):
             store.ack(consumer, cursor)
