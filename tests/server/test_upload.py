@@ -307,3 +307,16 @@ def test_an_internal_error_leaves_no_file_and_frees_the_lock(server, files, root
     assert r.status_code == 500 and "disk on fire" not in r.text
     assert leftovers(root) == [] and not server.app.state.weights_lock.locked()
     assert served_version(server.url) == "0"
+
+
+def test_max_upload_bytes_flag_and_env(monkeypatch, tiny_model):
+    import uvicorn
+
+    from e3rl.server import cli
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert cli.main(["serve", "--model", str(tiny_model), "--max-upload-bytes", "5000"]) == 0
+    monkeypatch.setenv("E3RL_MAX_UPLOAD_BYTES", "6000")
+    assert cli.main(["serve", "--model", str(tiny_model)]) == 0
+    assert [a.state.settings.max_upload_bytes for a in apps] == [5000, 6000]
