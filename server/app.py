@@ -219,6 +219,9 @@ def _attach(app: FastAPI, engine: AsyncEngine) -> None:
     app.state.engine = engine
     app.state.token_text = TokenText(engine.tokenizer)
     settings: Settings = app.state.settings
+    healing = settings.healing_defaults()
+    logger.info("self-healing by default: %s for %s (source: %s)",
+                "on" if healing.is_on else "off", healing.applies_to, healing.source)
     app.state.max_upload_bytes = settings.max_upload_bytes or default_max_upload_bytes(
         engine.engine.runner.model)
     if settings.checkpoint_dir is not None:

@@ -64,8 +64,9 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-dir", "checkpoint_dir", str, "directory weight updates must load from"),
     ("--max-upload-bytes", "max_upload_bytes", int, "largest uploaded checkpoint file (413 "
      "above; default: the model's parameter bytes + 16 MiB)"),
-    ("--healing", "healing", json_object, "server-wide self-healing defaults as JSON, e.g. "
-     "'{\"enabled\": true}' (requests override them; default off)"),
+    ("--healing", "healing", json_object, "server-wide self-healing defaults as JSON for all "
+     "requests, e.g. '{\"enabled\": true}' or '{\"enabled\": false}' (requests override "
+     "them; default: sampled requests heal if the model ships e3rl_healing.json, else off)"),
 ]
 
 

@@ -16,6 +16,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from e3rl.engine import InvalidRequest, SamplingParams
 from e3rl.engine.healer import HealingParams
 
+from .healing_defaults import HealingDefaults
+
 MAX_LOGPROBS = 20  # the engine's limit on top-N log-probs
 
 TokenIds = list[StrictInt]
@@ -89,11 +91,14 @@ class SamplingFields(_Strict):
 
     def to_sampling_params(self, *, n: int, max_tokens: int, logprobs: int | None,
                            prompt_logprobs: int | None = None,
-                           healing_defaults: dict | None = None) -> SamplingParams:
-        """The engine's parameters (raises ``InvalidRequest`` naming the field)."""
+                           healing_defaults: HealingDefaults | None = None) -> SamplingParams:
+        """The engine's parameters (raises ``InvalidRequest`` naming the field). The server's
+        healing defaults depend on the temperature (a calibrated default skips greedy)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        defaults = healing_defaults.options_for(temperature) if healing_defaults else {}
         return SamplingParams(
-            healing=self.healing_params(healing_defaults or {}),
-            n=n, temperature=1.0 if self.temperature is None else self.temperature,
+            healing=self.healing_params(defaults),
+            n=n, temperature=temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p, seed=self.seed,
@@ -250,6 +255,14 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class HealingDefaultInfo(BaseModel):
+    """Whether a request that sends no ``healing`` object heals, and why."""
+
+    default: Literal["on", "off"]
+    source: Literal["calibration", "--healing", "none"]  # e3rl_healing.json, the flag, neither
+    applies_to: Literal["sampled requests (temperature > 0)", "all requests"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -257,6 +270,7 @@ class ModelCard(BaseModel):
     owned_by: str = "e3rl"
     max_model_len: int
     weight_version: str  # the version of the weights being served (POST /v1/admin/weights)
+    healing: HealingDefaultInfo  # the server's self-healing default
 
 
 class ModelList(BaseModel):

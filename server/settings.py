@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from e3rl.engine import EngineConfig
+
+from .healing_defaults import HealingDefaults, resolve
 
 # The bundled model, trained by ``e3rl train`` into the repository's models/ folder.
 DEFAULT_MODEL_NAME = "arith-chain"
@@ -61,9 +63,11 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="seed of the random streams of unseeded requests")
     attention_backend: Literal["auto", "native", "sdpa"] = Field("auto", description="decode attention: auto | native | "
                                    "sdpa (native: e3rl's C++ paged kernel, CPU only)")
-    healing: dict = Field(default_factory=dict, description="server-wide self-healing "
-                          "defaults as JSON, e.g. '{\"enabled\": true, \"kappa\": 2}'; a "
-                          "request's 'healing' object overrides them (default: off)")
+    healing: dict | None = Field(None, description="server-wide self-healing defaults as "
+                                 "JSON for every request, e.g. '{\"enabled\": true, "
+                                 "\"kappa\": 2}' or '{\"enabled\": false}'; a request's "
+                                 "'healing' object overrides them (default: sampled requests "
+                                 "heal when the model ships e3rl_healing.json, else off)")
 
     # -- HTTP ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")
@@ -112,12 +116,17 @@ class Settings(BaseSettings):
                                          "above); default: the served model's parameter "
                                          "bytes plus 16 MiB")
 
+    # healing_defaults(), decided once (the engine reads the calibration once too).
+    _healing_defaults: HealingDefaults | None = PrivateAttr(None)
+
     @field_validator("healing")
     @classmethod
-    def _valid_healing(cls, value: dict) -> dict:
+    def _valid_healing(cls, value: dict | None) -> dict | None:
         from e3rl.engine import InvalidRequest
         from e3rl.engine.healer import HealingParams
 
+        if value is None:
+            return value
         try:
             HealingParams.from_dict(value)
         except InvalidRequest as exc:
@@ -149,6 +158,14 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_path.resolve().name
+
+    def healing_defaults(self) -> HealingDefaults:
+        """The self-healing defaults in force for requests that do not say, and their source:
+        ``--healing`` if given, else the model's calibration file (sampled requests only),
+        else off. The one place this is decided (``server/healing_defaults.py``)."""
+        if self._healing_defaults is None:
+            self._healing_defaults = resolve(self.healing, self.model_path)
+        return self._healing_defaults
 
     def check_model(self) -> None:
         """Raise ``FileNotFoundError`` with a one-line message if the model is missing."""

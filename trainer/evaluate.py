@@ -124,11 +124,18 @@ def evaluate_over_http(url: str, model: str | None, problems: list[Problem],
         results: list[list[Sample] | None] = [None] * len(problems)
         async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers,
                                      timeout=timeout_s) as client:
-            name = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+            cards = (await client.get("/v1/models")).json()["data"]
+            name = model or cards[0]["id"]
+            # Healing off means off: an e3rl server heals sampled requests by default when its
+            # model is calibrated (its card says so), which would blur a plain measurement.
+            heals_by_default = any(card.get("healing", {}).get("default") == "on"
+                                   for card in cards if card.get("id") == name)
             bar = tqdm(total=len(problems), desc="eval")
 
             async def one(i: int, problem: Problem) -> None:
                 body = {"model": name, "prompt": problem.prompt, **sampling_options(settings, i)}
+                if heals_by_default:
+                    body.setdefault("healing", {"enabled": False})
                 async with limit:
                     data = await _post_with_retries(client, body, retries)
                 per = []

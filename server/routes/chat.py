@@ -13,6 +13,7 @@ from e3rl.engine.async_engine import AsyncEngine
 
 from ..auth import require_api_key
 from ..deps import get_engine, get_metrics, get_recorder, get_settings
+from ..healing_defaults import HealingDefaults
 from ..logprobs import TokenText, chat_logprobs, engine_logprobs
 from ..metrics import Metrics
 from ..protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
@@ -44,7 +45,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
 
 
 def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
-                    request_id: str, healing_defaults: dict) -> EngineRequest:
+                    request_id: str, healing_defaults: HealingDefaults) -> EngineRequest:
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = render_chat(engine.tokenizer, req.messages, req.add_generation_prompt,
@@ -67,7 +68,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     req.check_supported(settings.max_n)
     request_id = new_id("chatcmpl")
     gen = Generation(engine, metrics,
-                     [_engine_request(req, engine, request_id, settings.healing)], recorder)
+                     [_engine_request(req, engine, request_id, settings.healing_defaults())],
+                     recorder)
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

@@ -73,7 +73,7 @@ def _engine_requests(req: CompletionRequest, engine: AsyncEngine, request_id: st
         params = req.to_sampling_params(n=req.best_of or req.n, max_tokens=max_tokens,
                                         logprobs=engine_logprobs(req.logprobs),
                                         prompt_logprobs=prompt_logprobs,
-                                        healing_defaults=settings.healing)
+                                        healing_defaults=settings.healing_defaults())
         ids = engine.validate(prompt, params)
         out.append(EngineRequest(f"{request_id}-{i}", prompt, ids, params))
     return out

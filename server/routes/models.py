@@ -18,7 +18,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 def _card(request: Request, engine: AsyncEngine, settings: Settings) -> ModelCard:
     return ModelCard(id=settings.model_name, created=request.app.state.started_at,
                      max_model_len=engine.max_model_len,
-                     weight_version=engine.latest_stats.weight_version)
+                     weight_version=engine.latest_stats.weight_version,
+                     healing=settings.healing_defaults().describe())
 
 
 @router.get("/v1/models", response_model=ModelList)
