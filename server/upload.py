@@ -68,7 +68,7 @@ async def receive_to_temp_file(request: Request, directory: Path,
     written), and Starlette's ``ClientDisconnect`` when the client goes away mid-body."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
-        await drain(request.stream())
+        await drain_unread(request)
         raise _too_large(max_bytes)
     t0 = time.monotonic()
     try:
@@ -137,6 +137,14 @@ def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"upload too large (limit {max_bytes} bytes: the served model's "
                     "parameter bytes plus header room, or --max-upload-bytes)",
                     code="request_too_large", headers={"Connection": "close"})
+
+
+async def drain_unread(request: Request) -> None:
+    """Drain the body of a request refused before any of it was read, unless the client
+    sent ``Expect: 100-continue`` (curl does for large bodies): it then waits for a ``100
+    Continue`` that reading would trigger, and on an early error never sends the body."""
+    if request.headers.get("expect", "").lower() != "100-continue":
+        await drain(request.stream())
 
 
 async def drain(chunks: AsyncIterator[bytes]) -> None:

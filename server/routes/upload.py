@@ -34,7 +34,7 @@ from ..deps import get_engine, get_settings
 from ..errors import APIError, invalid
 from ..protocol import MAX_VERSION_LENGTH, ErrorResponse, WeightUpdateResponse
 from ..settings import Settings
-from ..upload import Upload, drain, receive_to_temp_file
+from ..upload import Upload, drain_unread, receive_to_temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ async def upload_weights(request: Request,
         _check_content_type(request)
         lock = weight_swap.claim(request)
     except APIError:
-        await drain(request.stream())
+        await drain_unread(request)
         raise
     async with lock:  # entered right after claim(): no await in between
         previous = engine.latest_stats.weight_version
         if not root.is_dir():
-            await drain(request.stream())
+            await drain_unread(request)
             raise weight_swap.refused(
                 WeightUpdateError(f"the checkpoint directory {str(root)!r} does not exist"),
                 version, previous, "an upload", param=None)

@@ -320,3 +320,38 @@ def test_max_upload_bytes_flag_and_env(monkeypatch, tiny_model):
     monkeypatch.setenv("E3RL_MAX_UPLOAD_BYTES", "6000")
     assert cli.main(["serve", "--model", str(tiny_model)]) == 0
     assert [a.state.settings.max_upload_bytes for a in apps] == [5000, 6000]
+
+
+def _expect_continue(port: int, data: bytes, key: str = "adm", version: str = "4") -> tuple:
+    """An upload that announces ``len(data)`` bytes with ``Expect: 100-continue`` and sends
+    none yet: (socket, the server's first answer)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall((f"POST {URL}?version={version} HTTP/1.1\r\nHost: test\r\n"
+                  f"Authorization: Bearer {key}\r\nContent-Type: application/octet-stream\r\n"
+                  f"Content-Length: {len(data)}\r\nExpect: 100-continue\r\n\r\n").encode())
+    return sock, sock.recv(65536)
+
+
+def test_expect_100_continue(server, files, root):
+    """curl sends large bodies after ``Expect: 100-continue``: a refusal comes at once,
+    without asking for the body; an accepted upload gets its 100 Continue and swaps."""
+    t0 = time.monotonic()
+    sock, answer = _expect_continue(server.port, files["new"], key="wrong")
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - t0 < 2, answer
+
+    sock, answer = _expect_continue(server.port, files["new"])
+    try:
+        assert answer.startswith(b"HTTP/1.1 100"), answer
+        sock.sendall(files["new"])
+        answer = b""
+        while b'"weight_update"' not in answer:
+            piece = sock.recv(65536)
+            assert piece, answer
+            answer += piece
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert served_version(server.url) == "4"
+    assert post(server.url, files["original"], version="0").status_code == 200
+    assert served_version(server.url) == "0" and leftovers(root) == []
