@@ -92,7 +92,8 @@ async def upload_weights(request: Request,
                          version: str | None = Query(None, description="the version the "
                                                      "uploaded weights become (required)"),
                          engine: AsyncEngine = Depends(get_engine),
-                         settings: Settings = Depends(get_settings)) -> WeightUpdateResponse | Response:
+                         settings: Settings = Depends(get_settings),
+                         ) -> WeightUpdateResponse | Response:
     try:
         await require_admin_key(request, settings)
         root = weight_swap.checkpoint_root(settings)
