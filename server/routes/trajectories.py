@@ -4,7 +4,9 @@
 ``GET /v1/trajectories?after=CURSOR&limit=N`` returns the records committed after ``CURSOR``
 in commit order, each with its ``cursor`` and its ``feedback`` (``{"reward", "reference",
 "received_at"}`` from ``POST /v1/feedback``, or null), and ``next_cursor`` to pass as
-``after`` next time (``after`` itself when nothing is new), and ``store_id``. Cursors survive
+``after`` next time (``after`` itself when nothing is new), ``last_cursor`` (the newest cursor
+the store has assigned: ``last_cursor - next_cursor`` is the consumer's backlog), and
+``store_id``. Cursors survive
 restarts and are never reused, so re-reading a range gives the same records (each with its
 unique ``id``). Filters: ``erasures_only=true``, ``weight_version=V``. ``settled_s=S`` returns
 only the leading run of records at least ``S`` seconds old and stops at the first younger one
@@ -142,13 +144,15 @@ async def list_trajectories(request: Request, after: str | None = None,
                                                 erasures_only=flag in _TRUE,
                                                 weight_version=weight_version,
                                                 settled_s=settled)
-    headers = {"X-Next-Cursor": str(next_cursor), STORE_ID_HEADER: store.store_id}
+    last_cursor = await asyncio.to_thread(store.last_cursor)
+    headers = {"X-Next-Cursor": str(next_cursor), "X-Last-Cursor": str(last_cursor),
+               STORE_ID_HEADER: store.store_id}
     if jsonl:
         body = "".join(_with_cursor(seq, text) + "\n" for seq, text in rows)
         return Response(body, media_type="application/x-ndjson", headers=headers)
     data = ",".join(_with_cursor(seq, text) for seq, text in rows)
     body = (f'{{"object":"list","data":[{data}],"next_cursor":{next_cursor},'
-            f'"store_id":{json.dumps(store.store_id)}}}')
+            f'"last_cursor":{last_cursor},"store_id":{json.dumps(store.store_id)}}}')
     return Response(body, media_type="application/json", headers=headers)
 
 

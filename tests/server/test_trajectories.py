@@ -33,13 +33,16 @@ def pull_all(client, limit: int, after: int = 0, **params) -> tuple[list[dict], 
                        headers=ADMIN)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"object", "data", "next_cursor", "store_id"}
+        assert set(body) == {"object", "data", "next_cursor", "last_cursor", "store_id"}
         assert int(r.headers["x-next-cursor"]) == body["next_cursor"]
         assert r.headers["x-e3rl-store-id"] == body["store_id"]
+        assert int(r.headers["x-last-cursor"]) == body["last_cursor"] >= body["next_cursor"]
         page = body["data"]
         assert len(page) <= limit
         if not page:
             assert body["next_cursor"] == after  # nothing new: the cursor stays
+            if not params:  # an unfiltered read has caught up with the store
+                assert body["last_cursor"] == after
             return records, cursors
         assert body["next_cursor"] == page[-1]["cursor"]
         assert all(rec["cursor"] > after for rec in page)
