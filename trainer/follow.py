@@ -301,12 +301,15 @@ class Follower:
         return bool(page.records)
 
     def _fill_batch(self) -> None:
-        """Take pulled records in order, store by store, until the batch is full; every
-        record taken is either in the batch or skipped with a reason."""
+        """Take pulled records in order within each store, one store after the other in
+        turn (no replica starves another), until the batch is full; every record taken is
+        either in the batch or skipped with a reason."""
         c = self.config
         urls = {r.store_id: r.url for r in self.replicas.values() if r.store_id}
-        for store, buffer in self.buffers.items():
-            while buffer and len(self.batch) < c.batch_size:
+        while len(self.batch) < c.batch_size and any(self.buffers.values()):
+            for store, buffer in self.buffers.items():
+                if not buffer or len(self.batch) >= c.batch_size:
+                    continue
                 cursor, record = buffer.popleft()
                 self.consumed[store] = cursor
                 rid = str(record.get("id"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -170,3 +171,141 @@ def test_the_loop_end_to_end(fleet):
     entry = ledger(state)[0]
     ids = entry["used"] + sum(entry["skipped"].values(), [])
     assert len(ids) == len(set(ids)) and len(entry["used"]) == 8
+
+
+def committed(state: Path) -> dict:
+    return json.loads((state / "state.json").read_text())
+
+
+def test_sigkill_mid_batch_uses_every_trajectory_exactly_once(fleet):
+    tmp, procs = fleet
+    urls = [procs["a"][1], procs["b"][1]]
+    servers = tmp / "servers.txt"
+    servers.write_text("\n".join(urls) + "\n")
+    assert traffic(urls, 60, seed=3, feedback_every=1)["failed"] == 0
+    state = tmp / "state"
+    env = {**os.environ, "E3RL_ADMIN_KEY": ADMIN, "OMP_NUM_THREADS": "1"}
+    with open(tmp / "follow.log", "a") as out:
+        proc = subprocess.Popen(follow_cmd(state, servers, "--max-updates", "3"), env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not ((state / "ledger.jsonl").exists() and ledger(state)):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp / "follow.log").read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # after update 1, while it pulls and fills batch 2
+    proc.wait()
+    assert committed(state)["update"] == 1
+    done = run_follow(follow_cmd(state, servers, "--max-updates", "2"), tmp / "follow.log")
+    assert done.returncode == 0, (tmp / "follow.log").read_text()[-3000:]
+    entries = ledger(state)
+    assert [e["step"] for e in entries] == [1, 2, 3]
+    used = [i for e in entries for i in e["used"]]
+    skipped = [i for e in entries for ids in e["skipped"].values() for i in ids]
+    assert len(used) == 24 and len(set(used)) == len(used)  # each used once
+    assert not set(used) & set(skipped) and len(set(skipped)) == len(skipped)
+    # Nothing lost: every stored trajectory up to a committed cursor is in the ledger.
+    cursors = committed(state)["cursors"]
+    seen = set(used) | set(skipped)
+    covered = []
+    for url in urls:
+        r = httpx.get(f"{url}/v1/trajectories", params={"limit": 10_000},
+                      headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        covered += [rec["id"] for rec in r["data"] if rec["cursor"] <= cursors.get(r["store_id"], 0)]
+    assert sorted(covered) == sorted(seen)
+    assert len(cursors) == 2  # both replicas contributed
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name + ("{" + want + "}" if want else " ")) or (
+                not want and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{{want}}} not in the metrics")
+
+
+def test_a_replica_down_during_a_push_is_retried_and_brought_up_to_date(fleet):
+    tmp, procs = fleet
+    urls = [procs["a"][1], procs["b"][1]]
+    servers = tmp / "servers.txt"
+    servers.write_text("\n".join(urls) + "\n")
+    # Fewer usable trajectories than a batch: the trainer pulls them and waits for more.
+    assert traffic(urls, 10, seed=5, feedback_every=1)["failed"] == 0
+    state = tmp / "state"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "E3RL_ADMIN_KEY": ADMIN, "OMP_NUM_THREADS": "1"}
+    with open(tmp / "follow.log", "a") as out:
+        proc = subprocess.Popen(follow_cmd(state, servers, "--metrics-port", str(port),
+                                           "--batch-size", "16"),
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    trainer = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{trainer}/health").status_code == 200, proc, tmp)
+        # The trainer holds part of its batch; replica b goes down, a's traffic completes
+        # the batch (one update: 20 trajectories for a batch of 16).
+        wait_for(lambda: metric(httpx.get(f"{trainer}/metrics").text,
+                                "e3rl_trainer_trajectories_pulled_total",
+                                server=urls[1]) == 5, proc, tmp)
+        procs["b"][0].kill()
+        procs["b"][0].wait()
+        assert traffic(urls[:1], 10, seed=6, feedback_every=1)["failed"] == 0
+        wait_for(lambda: (state / "ledger.jsonl").exists() and ledger(state), proc, tmp)
+        wait_for(lambda: metric(httpx.get(f"{trainer}/metrics").text,
+                                "e3rl_trainer_push_failures_total", server=urls[1]) >= 1,
+                 proc, tmp)
+        text = httpx.get(f"{trainer}/metrics").text
+        assert metric(text, "e3rl_trainer_replicas_behind") == 1
+        assert metric(text, "e3rl_trainer_replica_version", server=urls[1]) == -1
+        assert metric(text, "e3rl_trainer_replica_version", server=urls[0]) == 1
+        assert versions(urls[0])[0] == "1"  # the other replica serves the new version
+        # b returns on the same data dir (a new address, as a rescheduled pod would get).
+        procs["b"] = serve(tmp, "b")
+        servers.write_text(f"{urls[0]}\n{procs['b'][1]}\n")
+        wait_for(lambda: metric(httpx.get(f"{trainer}/metrics").text,
+                                "e3rl_trainer_replicas_behind") == 0, proc, tmp)
+        assert versions(procs["b"][1])[0] == "1"
+        assert greedy(procs["b"][1]) == greedy(urls[0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def wait_for(condition, proc, tmp: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, AssertionError, ValueError):
+            pass
+        assert proc.poll() is None, (tmp / "follow.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (tmp / "follow.log").read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_the_gate_refuses_a_harmful_update(fleet):
+    tmp, procs = fleet
+    urls = [procs["a"][1], procs["b"][1]]
+    servers = tmp / "servers.txt"
+    servers.write_text("\n".join(urls) + "\n")
+    before = [greedy(u) for u in urls]
+    base = versions(urls[0])[0]
+    assert traffic(urls, 24, seed=7, feedback_every=1)["failed"] == 0
+    state = tmp / "state"
+    done = run_follow(follow_cmd(state, servers, "--max-updates", "1", "--lr", "0.5",
+                                 "--gate-data", "arith-chain:validation",
+                                 "--gate-problems", "40", "--max-kl", "0",
+                                 "--min-entropy-ratio", "0"), tmp / "follow.log")
+    log = (tmp / "follow.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    record = json.loads((state / "follow_log.jsonl").read_text().splitlines()[-1])
+    assert record["outcome"] == "refused", record
+    assert record["gate_candidate"] < record["gate_serving"] - 0.02
+    assert "update 1 refused, not pushed" in log and "gate: pass@1" in log
+    assert (state / "refused" / "step-000001" / "model.safetensors").is_file()
+    assert committed(state)["version"] == base and "push" not in record
+    for url, expected in zip(urls, before):
+        assert versions(url)[0] == base and greedy(url) == expected
