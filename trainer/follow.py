@@ -94,6 +94,11 @@ class Replica:
 class Follower:
     def __init__(self, config: FollowConfig, admin_key: str):
         self.config = c = config
+        for name in ("model", "reference"):
+            path = getattr(c, name)
+            if path and not (Path(path) / "config.json").is_file():
+                raise ValueError(f"--{name}: no model directory at {path} (config.json "
+                                 "missing)")
         self.dir = Path(c.state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if c.num_threads:
