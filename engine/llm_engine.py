@@ -385,7 +385,8 @@ class LLMEngine:
             for seq in request.seqs:
                 seq.weight_versions.append((seq.num_output_tokens, version))
         self.weight_version = version
-        logger.info("weights updated to version %s (%d tensors)", version, len(tensors))
+        logger.info("weights updated to version %s (%d tensors; %d request(s) in flight go "
+                    "on with them)", version, len(tensors), len(self.requests))
 
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> EngineStats:

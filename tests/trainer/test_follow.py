@@ -146,14 +146,16 @@ def test_the_loop_end_to_end(fleet):
         while not stop.is_set():
             during.append(traffic(urls, 2, seed=2 + len(during), feedback_every=10**6))
 
-    thread = threading.Thread(target=background)
-    thread.start()
+    threads = [threading.Thread(target=background) for _ in range(3)]
+    for thread in threads:
+        thread.start()
     try:
         done = run_follow(follow_cmd(state, servers, "--max-updates", "1",
                                      "--metrics-port", "0"), tmp / "follow.log")
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
     log = (tmp / "follow.log").read_text()
     assert done.returncode == 0, log[-3000:]
     record = json.loads((state / "follow_log.jsonl").read_text().splitlines()[-1])
@@ -161,6 +163,9 @@ def test_the_loop_end_to_end(fleet):
     assert record["signals"].get("reward", 0) > 0
     assert all(v == "ok" for v in record["push"].values()) and len(record["push"]) == 2
     assert sum(d["requests"] for d in during) >= 2 and all(d["failed"] == 0 for d in during)
+    # Requests were running during the swap: some finished with tokens of both versions.
+    spans = [rec["weight_versions"] for url in urls for rec in pull(url)]
+    assert any([v for _, v in span] == ["0", "1"] for span in spans)
     for url in urls:
         assert versions(url) == ("1", "e3rl-w1", 1.0)
     after = greedy(urls[0])
@@ -171,6 +176,21 @@ def test_the_loop_end_to_end(fleet):
     entry = ledger(state)[0]
     ids = entry["used"] + sum(entry["skipped"].values(), [])
     assert len(ids) == len(set(ids)) and len(entry["used"]) == 8
+    cursors = committed(state)["cursors"]
+    feedback = 0.0
+    for url in urls:
+        text = httpx.get(f"{url}/metrics").text
+        store = httpx.get(f"{url}/v1/trajectories", params={"after": 2 ** 62},
+                          headers={"Authorization": f"Bearer {ADMIN}"}).json()["store_id"]
+        assert metric(text, "e3rl_trajectories_acked_cursor", model="arith-chain") == \
+            cursors[store]
+        feedback += metric(text, "e3rl_feedback_total", model="arith-chain", result="stored")
+    assert feedback == 12
+
+
+def pull(url: str) -> list[dict]:
+    return httpx.get(f"{url}/v1/trajectories", params={"limit": 10_000},
+                     headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
 
 
 def committed(state: Path) -> dict:
@@ -286,7 +306,12 @@ def wait_for(condition, proc, tmp: Path, timeout_s: float = 180) -> None:
         time.sleep(0.1)
 
 
-def test_the_gate_refuses_a_harmful_update(fleet):
+@pytest.mark.parametrize("flags,reason", [
+    (["--lr", "0.5", "--gate-data", "arith-chain:validation", "--gate-problems", "40",
+      "--max-kl", "0", "--min-entropy-ratio", "0"], "gate: pass@1"),
+    (["--max-kl", "1e-9"], "kl: "),
+], ids=["gate", "kl"])
+def test_a_guard_refuses_an_update(fleet, flags, reason):
     tmp, procs = fleet
     urls = [procs["a"][1], procs["b"][1]]
     servers = tmp / "servers.txt"
@@ -295,17 +320,36 @@ def test_the_gate_refuses_a_harmful_update(fleet):
     base = versions(urls[0])[0]
     assert traffic(urls, 24, seed=7, feedback_every=1)["failed"] == 0
     state = tmp / "state"
-    done = run_follow(follow_cmd(state, servers, "--max-updates", "1", "--lr", "0.5",
-                                 "--gate-data", "arith-chain:validation",
-                                 "--gate-problems", "40", "--max-kl", "0",
-                                 "--min-entropy-ratio", "0"), tmp / "follow.log")
+    done = run_follow(follow_cmd(state, servers, "--max-updates", "1", *flags),
+                      tmp / "follow.log")
     log = (tmp / "follow.log").read_text()
     assert done.returncode == 0, log[-3000:]
     record = json.loads((state / "follow_log.jsonl").read_text().splitlines()[-1])
     assert record["outcome"] == "refused", record
-    assert record["gate_candidate"] < record["gate_serving"] - 0.02
-    assert "update 1 refused, not pushed" in log and "gate: pass@1" in log
+    if reason.startswith("gate"):  # made harmful on purpose: far below the serving model
+        assert record["gate_candidate"] < record["gate_serving"] - 0.02
+    assert "update 1 refused, not pushed" in log and reason in log
     assert (state / "refused" / "step-000001" / "model.safetensors").is_file()
     assert committed(state)["version"] == base and "push" not in record
     for url, expected in zip(urls, before):
         assert versions(url)[0] == base and greedy(url) == expected
+
+
+def test_dry_run_trains_without_pushing_or_acknowledging(fleet):
+    tmp, procs = fleet
+    urls = [procs["a"][1], procs["b"][1]]
+    servers = tmp / "servers.txt"
+    servers.write_text("\n".join(urls) + "\n")
+    base = versions(urls[0])[0]
+    assert traffic(urls, 16, seed=9, feedback_every=1)["failed"] == 0
+    state = tmp / "state"
+    done = run_follow(follow_cmd(state, servers, "--max-updates", "1", "--dry-run"),
+                      tmp / "follow.log")
+    assert done.returncode == 0, (tmp / "follow.log").read_text()[-3000:]
+    record = json.loads((state / "follow_log.jsonl").read_text().splitlines()[-1])
+    assert record["outcome"] == "dry_run" and "push" not in record
+    assert (state / "checkpoints" / "step-000001" / "model.safetensors").is_file()
+    for url in urls:
+        assert versions(url)[0] == base
+        assert metric(httpx.get(f"{url}/metrics").text, "e3rl_trajectories_acked_cursor",
+                      model="arith-chain") == 0
