@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 LEDGER_FILE = "ledger.jsonl"
 LOG_FILE = "follow_log.jsonl"
+_WARN_INTERVAL_S = 30.0
 _NO_RECORDS = 2 ** 62  # an ``after`` past every cursor: a pull that only reads the store id
 
 
@@ -131,6 +132,7 @@ class Follower:
         self.acked: dict[str, int] = {}
         self.batch: list[Usable] = []
         self.batch_skipped: dict[str, list[str]] = {}
+        self._warned: dict[str, float] = {}
         self.gate_llm = None
         self.gate_problems = None
         self.state = self._start()
@@ -255,7 +257,7 @@ class Follower:
         try:
             replica.version = self.fleet.version(replica.url)
         except ReplicaError as exc:
-            logger.warning("replica %s unreachable: %s", replica.url, exc)
+            self._warn(replica.url, "replica %s unreachable: %s", replica.url, exc)
             replica.version = None
             self.metrics.replica_version.labels(replica.url).set(-1)
             return False
@@ -285,7 +287,7 @@ class Follower:
             after = self.fetched.get(store, self.state.cursors.get(store, 0))
             page = self.fleet.pull(replica.url, after, c.pull_limit)
         except ReplicaError as exc:
-            logger.warning("pull from %s failed: %s", replica.url, exc)
+            self._warn(replica.url, "pull from %s failed: %s", replica.url, exc)
             self.metrics.pull_errors.labels(replica.url).inc()
             return False
         if page.store_id != store:  # the replica's store was replaced: start it afresh
@@ -453,7 +455,15 @@ class Follower:
             self.fleet.ack(replica.url, store, cursor)
             self.acked[store] = cursor
         except ReplicaError as exc:
-            logger.warning("ack to %s failed: %s", replica.url, exc)
+            self._warn(replica.url, "ack to %s failed: %s", replica.url, exc)
+
+    def _warn(self, key: str, message: str, *args) -> None:
+        """A warning about ``key`` (a replica) at most every ``_WARN_INTERVAL_S``: a replica
+        that is down for an hour must not write a line per poll."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_INTERVAL_S) >= _WARN_INTERVAL_S:
+            self._warned[key] = now
+            logger.warning(message, *args)
 
     def _weights(self, relative: str) -> Path:
         return self.dir / relative / "model.safetensors"
