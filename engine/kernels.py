@@ -3,12 +3,18 @@
 ``torch.utils.cpp_extension`` compiles the sources once per machine and caches the library
 under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes load
 it in well under a second. The instruction set is chosen from this CPU's flags (AVX-512 when
-present) and is part of the cache key, so a cache shared between different CPUs stays safe.
+present). The library's name carries a hash of the sources, the flags (instruction set
+included), torch's version and Python's ABI, so a cache shared between different CPUs or
+versions stays safe, and a library already in the cache is loaded directly: no compiler, no
+write (a container image builds every instruction set ahead of time, ``python -m
+e3rl.engine.build_kernels --isa all``, into a read-only directory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,18 +34,61 @@ class KernelBuildError(RuntimeError):
     """The native CPU kernels could not be built or loaded on this machine."""
 
 
-def _isa_flags() -> list[str]:
+# Instruction sets the kernels are built for: compiler flags, and the CPU flags they need.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+               "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+              "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
+
+
+def cpu_isa() -> str:
+    """The best entry of ``ISA_FLAGS`` this CPU runs."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
+        return "generic"
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     flags = set(line.split(":", 1)[-1].split())
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        return ["-mavx2", "-mfma", "-mf16c"]
-    return []
+    return next(isa for isa, needs in _ISA_NEEDS.items() if needs <= flags)
+
+
+def _cflags(isa: str) -> list[str]:
+    return ["-O3", "-fopenmp", *ISA_FLAGS[isa]]
+
+
+def library_name(isa: str) -> str:
+    """``e3rl_cpu_kernels_<hash>``: the hash covers what the library depends on (sources,
+    flags, torch's version, Python's ABI), so a cached one is only loaded by its match."""
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    for part in (*_cflags(isa), torch.__version__, sys.implementation.cache_tag,
+                 getattr(sys, "abiflags", "")):
+        digest.update(part.encode() + b"\0")
+    return f"e3rl_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
+def _cached_library(name: str) -> Path | None:
+    """The built library of ``name`` in torch's extension cache, if it is there."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        path = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    except OSError:  # the directory is missing and cannot be made (a read-only cache)
+        return None
+    return path if path.is_file() else None
+
+
+def _build(isa: str) -> None:
+    """Compile (unless ninja finds it up to date) and load the kernels for ``isa``."""
+    from torch.utils.cpp_extension import load
+
+    load(name=library_name(isa), sources=[str(s) for s in _SOURCES], extra_cflags=_cflags(isa),
+         is_python_module=False, verbose=False)
 
 
 def _build_error_line(exc: Exception) -> str:
@@ -62,14 +111,20 @@ def load_cpu_kernels() -> None:
             return
         if _error is not None:
             raise KernelBuildError(_error)
-        from torch.utils.cpp_extension import load
-
-        logger.info("loading e3rl's CPU kernels (the first use on a machine compiles them, ~30 s)")
+        isa = cpu_isa()
         t0 = time.perf_counter()
+        cached = _cached_library(library_name(isa))
+        if cached is not None:
+            try:
+                torch.ops.load_library(str(cached))
+                _loaded = True
+                logger.info("e3rl CPU kernels (%s) loaded from %s", isa, cached)
+                return
+            except OSError as exc:  # half written by a concurrent build: build it here
+                logger.info("cannot load %s (%s); building the kernels", cached, exc)
+        logger.info("loading e3rl's CPU kernels (the first use on a machine compiles them, ~30 s)")
         try:
-            load(name="e3rl_cpu_kernels", sources=[str(s) for s in _SOURCES],
-                 extra_cflags=["-O3", "-fopenmp", *_isa_flags()], is_python_module=False,
-                 verbose=False)
+            _build(isa)
         except Exception as exc:  # compiler missing, ninja missing, build error
             _error = f"could not build e3rl's CPU kernels ({_build_error_line(exc)})"
             raise KernelBuildError(_error) from exc
@@ -103,3 +158,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-family RMSNorm in one pass (float32 inside, rounded as it does)."""
     return torch.ops.e3rl.rms_norm(x, weight, eps)
 
+
+def prebuild(isas: list[str]) -> list[Path]:
+    """Compile the kernels for each of ``isas`` into the extension cache without loading
+    them (a library for another CPU may not even load here), for an image that must start
+    without a compiler on whichever CPU it lands. Returns the libraries' paths."""
+    from unittest import mock
+
+    paths = []
+    for isa in isas:
+        with mock.patch.object(torch.ops, "load_library", lambda path: None):
+            _build(isa)
+        path = _cached_library(library_name(isa))
+        if path is None:
+            raise KernelBuildError(f"the {isa} build left no library behind")
+        logger.info("built e3rl CPU kernels (%s): %s", isa, path)
+        paths.append(path)
+    return paths
