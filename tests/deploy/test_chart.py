@@ -174,7 +174,7 @@ def test_server_args_ports_and_probes():
                                                                        "emptyDir": {}}
     # preStop, then SIGTERM starts the drain: the grace period covers both and the flush.
     sleep = int(server["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert spec["terminationGracePeriodSeconds"] >= sleep + 30 + 5
+    assert spec["terminationGracePeriodSeconds"] >= sleep + 30 + 10
 
 
 def test_num_threads_follow_the_cpu_resources():

@@ -17,9 +17,9 @@ values named. (Types, ranges and unknown keys are values.schema.json's.)
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) -}}
 {{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) -}}
 {{- end -}}
-{{- $needed := add (int $v.server.preStopSleepSeconds) (ceil $v.server.drainTimeoutS | int) 5 -}}
+{{- $needed := add (int $v.server.preStopSleepSeconds) (ceil $v.server.drainTimeoutS | int) 10 -}}
 {{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) -}}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least server.preStopSleepSeconds (%d) + server.drainTimeoutS (%v) + 5 s to flush the store = %d, or Kubernetes kills replicas mid-drain" (int $v.terminationGracePeriodSeconds) (int $v.server.preStopSleepSeconds) $v.server.drainTimeoutS (int $needed)) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least server.preStopSleepSeconds (%d) + server.drainTimeoutS (%v) + 10 s (open responses get 5 s after the drain, then the store flushes) = %d, or Kubernetes kills replicas mid-drain" (int $v.terminationGracePeriodSeconds) (int $v.server.preStopSleepSeconds) $v.server.drainTimeoutS (int $needed)) -}}
 {{- end -}}
 {{- if eq (int $v.server.port) (int $v.server.adminPort) -}}
 {{- fail (printf "server.adminPort must differ from server.port (both %d)" (int $v.server.port)) -}}
