@@ -18,9 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from e3rl.engine.async_engine import AsyncEngine
 
 from .deps import get_engine, get_metrics, get_settings
+from .drain import Drain
 from .errors import install_error_handlers
 from .logprobs import TokenText
 from .metrics import Metrics
+from .ports import AdminPortSplit
 from .protocol import ErrorResponse, error_body
 from .recorder import TrajectoryRecorder
 from .routes import (admin, chat, completions, feedback, health, models, tokenize,
@@ -155,8 +157,9 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     app.state.store = None
     app.state.recorder = None
     app.state.weights_lock = asyncio.Lock()
+    app.state.drain = Drain()  # started by SIGTERM (runner.DrainingServer)
     app.state.metrics = Metrics(settings.model_name, lambda: app.state.engine,
-                                lambda: app.state.store)
+                                lambda: app.state.store, lambda: app.state.drain.is_draining)
     if engine is not None:
         _attach(app, engine)
     install_error_handlers(app)
@@ -172,6 +175,12 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes,
                        on_reject=lambda: app.state.metrics.record_error(413),
                        exempt_paths=frozenset({upload.UPLOAD_PATH}))
+    if settings.admin_port is not None:  # added last: the outermost layer
+        admin_paths = frozenset(route.path for module in (trajectories, admin, upload)
+                                for route in module.router.routes)
+        app.add_middleware(AdminPortSplit, admin_port=settings.admin_port,
+                           admin_paths=admin_paths,
+                           on_reject=lambda: app.state.metrics.record_error(404))
     return app
 
 
@@ -180,7 +189,8 @@ _ERROR_DESCRIPTIONS = {
     403: "forbidden by the server's configuration", 404: "unknown model or route, or admin "
     "routes off", 409: "a weight update is already running, or an ack names a replaced "
     "store", 413: "request body too large",
-    500: "internal error (no details leak)", 503: "queue full (see Retry-After) or engine down",
+    500: "internal error (no details leak)", 503: "queue full or server draining (see "
+    "Retry-After), or engine down",
 }
 
 

@@ -43,6 +43,10 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--num-threads", "num_threads", int, "torch CPU threads (default: cores - 1)"),
     ("--seed", "seed", int, "seed of unseeded requests' random streams"),
     ("--attention-backend", "attention_backend", str, "decode attention: auto | native | sdpa"),
+    ("--admin-port", "admin_port", int, "serve the admin and trajectory routes (and /health) "
+     "on this second port only; the main port answers them 404 (default: one port)"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "on SIGTERM: how long running requests "
+     "may take to finish before they are aborted (default 30)"),
     ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env E3RL_API_KEY)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest request body (413 above)"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
@@ -84,8 +88,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from . import runner
     from .app import create_app
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS}
@@ -98,16 +101,17 @@ def serve(args: argparse.Namespace) -> int:
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            message = f"--{field.replace('_', '-')}: {first['msg']}"
+            if field:
+                message = f"--{field.replace('_', '-')}: {first['msg']}"
+            else:  # a check across fields says which flags it concerns
+                message = first["msg"].removeprefix("Value error, ")
         else:
             message = str(exc)
         sys.stderr.write(f"e3rl: error: {message}\n")  # one line, as argparse does
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=settings.access_log,
-                timeout_graceful_shutdown=5)
+    runner.run_app(create_app(settings), settings)  # returns once SIGTERM has drained it
     return 0
 
 

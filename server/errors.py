@@ -2,8 +2,8 @@
 "param", "code"}}``, with the status that the issue's contract documents:
 
 400 invalid request (the message names the field) · 401 missing or wrong API key ·
-404 unknown model or route · 413 body too large · 503 (+ ``Retry-After``) queue full or engine
-down · 500 anything else, with a fixed message (never a traceback).
+404 unknown model or route · 413 body too large · 503 (+ ``Retry-After``) queue full, server
+draining (SIGTERM) or engine down · 500 anything else, with a fixed message (never a traceback).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,7 @@ METRIC_NAMES = (
     "e3rl_trajectories_queued", "e3rl_trajectory_commit_wait_seconds",
     "e3rl_trajectory_commit_timeouts_total", "e3rl_feedback_total",
     "e3rl_trajectories_evicted_unacked_total", "e3rl_trajectories_acked_cursor",
+    "e3rl_draining",
 )
 FEEDBACK_RESULTS = ("stored", "not_found", "invalid")
 
@@ -141,7 +142,8 @@ class Metrics:
     """The server's Prometheus registry (one per app, so tests can run many apps)."""
 
     def __init__(self, model: str, get_engine: Callable[[], Any],
-                 get_store: Callable[[], Any] = lambda: None):
+                 get_store: Callable[[], Any] = lambda: None,
+                 is_draining: Callable[[], bool] = lambda: False):
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
@@ -191,6 +193,12 @@ class Metrics:
         # Created up front so every result's series exists (at 0) before the first feedback.
         self._feedback = {result: self.feedback.labels(model, result)
                           for result in FEEDBACK_RESULTS}
+        # Read at scrape time: the drain starts in a signal handler, which must not take the
+        # lock that setting a gauge takes.
+        self.draining = Gauge("e3rl_draining", "1 from SIGTERM on: the server is draining "
+                              "(/ready answers 503, new completions are refused).", ["model"],
+                              registry=r)
+        self.draining.labels(model).set_function(lambda: float(is_draining()))
         r.register(EngineCollector(model, get_engine))
         r.register(StoreCollector(model, get_store))
 

@@ -187,6 +187,27 @@ class Generation:
             pass
         return self.results  # type: ignore[return-value]
 
+    @property
+    def is_running(self) -> bool:
+        """Some engine request of this generation has not ended yet (its pump still runs);
+        False before ``start``."""
+        return any(not task.done() for task in self._tasks)
+
+    def abort(self, error: BaseException) -> bool:
+        """End every prompt whose engine request still runs with ``error``, which the
+        consumer raises (a response becomes that error, a stream's last event carries it),
+        and cancel its pump, which aborts the engine request. A prompt that has finished and
+        only waits for its trajectory's commit is left to complete. For the end of a
+        shutdown's drain period; the consumer's ``close`` still does the bookkeeping.
+        Returns whether anything was aborted."""
+        aborted = False
+        for i, task in enumerate(self._tasks):
+            if not task.done() and not self._finished[i]:
+                task.cancel()
+                self._queue.put_nowait((i, error))
+                aborted = True
+        return aborted
+
     def close(self) -> None:
         """Abort what is still running (the engine frees its blocks); idempotent."""
         for i, task in enumerate(self._tasks):
@@ -224,7 +245,9 @@ async def run_generation(request: Request, gen: Generation,
                          stream: bool) -> list[RequestOutput] | None:
     """Start ``gen``. Streaming: wait for every prompt's first delta and return None (the SSE
     body takes over, and closes ``gen``). Otherwise: return everything, merged. Engine errors
-    and ``ClientDisconnected`` propagate, with the engine requests aborted."""
+    and ``ClientDisconnected`` propagate, with the engine requests aborted. Once the server
+    drains (SIGTERM) a new generation is refused with a 503 before it starts."""
+    request.app.state.drain.admit(gen)  # no await between this and start(): see Drain.admit
     gen.start(accumulate=not stream)
     try:
         if stream:

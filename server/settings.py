@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="largest n / best_of of one request")
     log_level: str = Field("info", description="debug | info | warning | error")
     access_log: bool = Field(True, description="log one line per HTTP request (no bodies)")
+    admin_port: int | None = Field(None, ge=1, le=65535, description="a second port, on the "
+                                   "same host, that alone serves the admin and trajectory "
+                                   "routes (and /health); the main port then answers them "
+                                   "404, so that a NetworkPolicy can admit only the trainer "
+                                   "to them (default: one port serves everything)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM or SIGINT, how long "
+                                   "running requests may take to finish while /ready answers "
+                                   "503 and new completions are refused; those still running "
+                                   "then are aborted")
 
     # -- trajectory store and admin API -------------------------------------------------
     data_dir: Path = Field(Path("e3rl-data"), description="where the trajectory store "
@@ -145,6 +154,12 @@ class Settings(BaseSettings):
         if (self.admin_key is not None and self.api_key is not None
                 and self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
             raise ValueError("admin_key must differ from api_key")
+        return self
+
+    @model_validator(mode="after")
+    def _separate_admin_port(self) -> "Settings":
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError(f"--admin-port must differ from --port (both are {self.port})")
         return self
 
     @property

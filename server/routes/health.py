@@ -1,6 +1,7 @@
 """Operational endpoints: ``/health`` (liveness), ``/ready`` (readiness), ``/metrics``.
 
-``/health`` and ``/ready`` are always open; ``/metrics`` is open unless
+``/health`` and ``/ready`` are always open (with ``--admin-port``, ``/health`` answers on both
+ports); ``/metrics`` is open unless
 ``metrics_require_auth`` is set.
 """
 
@@ -27,7 +28,11 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine loop runs."""
+    """200 once the model is loaded and the engine loop runs; 503 ``draining`` from the
+    moment SIGTERM starts the drain (``server/drain.py``), while the server still answers."""
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.is_draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.is_alive:
         return JSONResponse({"status": "not ready"}, status_code=503)

@@ -7,18 +7,16 @@ import signal
 import httpx
 import pytest
 
-from e3rl.server import cli, settings as settings_module
+from e3rl.server import cli, runner, settings as settings_module
 
 from .conftest import start_serve_process
 
 
 @pytest.fixture()
 def captured(monkeypatch):
-    """Run ``e3rl serve`` without serving: capture what would be passed to uvicorn."""
-    import uvicorn
-
+    """Run ``e3rl serve`` without serving: capture the app and settings it would serve."""
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(runner, "run_app", lambda app, settings: calls.append((app, settings)))
     return calls
 
 
@@ -28,9 +26,9 @@ def test_flags_beat_env_and_env_beats_defaults(monkeypatch, captured, tiny_model
     monkeypatch.setenv("E3RL_API_KEY", "k")
     assert cli.main(["serve", "--model", str(tiny_model), "--port", "9002",
                      "--served-model-name", "m", "--kv-cache-memory-gb", "0.25"]) == 0
-    [(app, kwargs)] = captured
-    s = app.state.settings
-    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 9002)
+    [(app, s)] = captured
+    assert s is app.state.settings
+    assert (s.host, s.port) == ("127.0.0.1", 9002)
     assert s.max_num_seqs == 5 and s.api_key.get_secret_value() == "k"
     assert s.model_name == "m" and s.kv_cache_memory_gb == 0.25
     config = s.engine_config()

@@ -195,10 +195,10 @@ def test_an_uncalibrated_model_does_not_heal_by_default(tiny_model, engine):
                                               "applies_to": ALL}),
 ])
 def test_serve_flags_and_env(monkeypatch, calibrated_model, args, env, expected):
-    import uvicorn
+    from e3rl.server import runner
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(runner, "run_app", lambda app, settings: apps.append(app))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert cli.main(["serve", "--model", str(calibrated_model), *args]) == 0

@@ -25,6 +25,7 @@ EXPECTED_TYPES = {
     "e3rl_kv_cache_free_blocks": "gauge", "e3rl_preemptions": "counter",
     "e3rl_weights_version": "gauge", "e3rl_engine_alive": "gauge",
     "e3rl_erasures": "counter", "e3rl_erased_tokens": "counter", "e3rl_segments": "counter",
+    "e3rl_draining": "gauge",
 }
 
 
@@ -67,6 +68,7 @@ def test_values_reflect_the_traffic(exposition):
     assert samples[("e3rl_inter_token_latency_seconds_count", (model,))] >= 16
     assert samples[("e3rl_weights_version", (model, ("version", "0")))] == 0
     assert samples[("e3rl_engine_alive", (model,))] == 1
+    assert samples[("e3rl_draining", (model,))] == 0
     assert samples[("e3rl_erasures_total", (model,))] == 0  # healing is off
 
 

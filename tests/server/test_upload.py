@@ -310,12 +310,10 @@ def test_an_internal_error_leaves_no_file_and_frees_the_lock(server, files, root
 
 
 def test_max_upload_bytes_flag_and_env(monkeypatch, tiny_model):
-    import uvicorn
-
-    from e3rl.server import cli
+    from e3rl.server import cli, runner
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(runner, "run_app", lambda app, settings: apps.append(app))
     assert cli.main(["serve", "--model", str(tiny_model), "--max-upload-bytes", "5000"]) == 0
     monkeypatch.setenv("E3RL_MAX_UPLOAD_BYTES", "6000")
     assert cli.main(["serve", "--model", str(tiny_model)]) == 0
