@@ -1,8 +1,7 @@
 """Operational endpoints: ``/health`` (liveness), ``/ready`` (readiness), ``/metrics``.
 
 ``/health`` and ``/ready`` are always open (with ``--admin-port``, ``/health`` answers on both
-ports); ``/metrics`` is open unless
-``metrics_require_auth`` is set.
+ports); ``/metrics`` is open unless ``metrics_require_auth`` is set.
 """
 
 from __future__ import annotations
