@@ -315,6 +315,16 @@ class WeightUpdateRequest(_Strict):
     version: StrictStr = Field(min_length=1, max_length=MAX_VERSION_LENGTH)
 
 
+class WeightVersionResponse(BaseModel):
+    """``GET /v1/admin/weights``: the version being served (the trainer's view of a replica,
+    on the admin port where the API routes are not served)."""
+
+    object: Literal["weight_version"] = "weight_version"
+    model: str
+    version: str
+    updating: bool  # a weight update is running right now
+
+
 class WeightUpdateResponse(BaseModel):
     """The answer of a weight swap, from a directory (``POST /v1/admin/weights``) or an
     uploaded file (``POST /v1/admin/weights/upload``)."""

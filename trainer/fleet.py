@@ -97,11 +97,13 @@ class Fleet:
         return int(self._json("POST", f"{url}/v1/trajectories/ack", json=body)["cursor"])
 
     def version(self, url: str) -> str:
-        data = self._json("GET", f"{url}/v1/models")
+        """The weight version ``url`` serves (``GET /v1/admin/weights``: the admin key, on
+        the admin port when the servers have one)."""
+        data = self._json("GET", f"{url}/v1/admin/weights")
         try:
-            return str(data["data"][0]["weight_version"])
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ReplicaError(f"{url}: unexpected /v1/models answer ({exc})") from exc
+            return str(data["version"])
+        except (KeyError, TypeError) as exc:
+            raise ReplicaError(f"{url}: unexpected /v1/admin/weights answer ({exc})") from exc
 
     def push(self, url: str, weights: Path, version: str) -> PushResult:
         """Upload ``weights`` (one safetensors file) as ``version``, retrying with backoff

@@ -1,4 +1,4 @@
-"""``POST /v1/admin/weights``: hot-swap the served weights from a checkpoint directory on the
+"""``GET /v1/admin/weights``: the served weight version. ``POST /v1/admin/weights``: hot-swap the served weights from a checkpoint directory on the
 server's filesystem (admin key). ``routes/upload.py`` takes the checkpoint in the request
 body instead; both share ``server/weight_swap.py``.
 
@@ -27,7 +27,7 @@ from e3rl.engine.async_engine import AsyncEngine
 from .. import weight_swap
 from ..auth import require_admin_key
 from ..deps import get_engine, get_settings
-from ..protocol import WeightUpdateRequest, WeightUpdateResponse
+from ..protocol import WeightUpdateRequest, WeightUpdateResponse, WeightVersionResponse
 from ..settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,15 @@ def _load(engine: AsyncEngine, path: str, root: Path) -> tuple[Path, dict]:
     tensors = checkpoint.read_safetensors_dir(real)
     weight_swap.validate(engine, tensors)
     return real, tensors
+
+
+@router.get("/v1/admin/weights", response_model=WeightVersionResponse)
+async def weight_version(request: Request, engine: AsyncEngine = Depends(get_engine),
+                         settings: Settings = Depends(get_settings)) -> WeightVersionResponse:
+    """The served weight version (what ``/v1/models`` says, under the admin key)."""
+    return WeightVersionResponse(model=settings.model_name,
+                                 version=engine.latest_stats.weight_version,
+                                 updating=request.app.state.weights_lock.locked())
 
 
 @router.post("/v1/admin/weights", response_model=WeightUpdateResponse)

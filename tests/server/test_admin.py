@@ -282,3 +282,13 @@ def record_of(url: str, response_id: str) -> dict:
                         timeout=10).json()["data"]
     [record] = [r for r in records if r["id"] == f"{response_id}-0:0"]
     return record
+
+
+def test_get_weight_version(server, checkpoints):
+    """``GET /v1/admin/weights`` says what ``/v1/models`` says, under the admin key only."""
+    r = httpx.get(f"{server.url}/v1/admin/weights", headers=ADMIN)
+    assert r.status_code == 200
+    body = r.json()
+    assert body == {"object": "weight_version", "model": body["model"],
+                    "version": served_version(server.url), "updating": False}
+    assert httpx.get(f"{server.url}/v1/admin/weights").status_code == 401
