@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from e3rl.trainer.arith import format_prompt, iter_problems
-from e3rl.trainer.grading import grade_arith
 from tests.conftest import hf_greedy
 from tests.server.conftest import start_serve_process
 
@@ -40,7 +40,7 @@ def follow_cmd(state: Path, servers_file: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "e3rl.trainer.cli", "train", "follow",
             "--servers-file", str(servers_file), "--model", str(BUNDLED),
             "--state-dir", str(state), "--batch-size", "8", "--settled-s", "0",
-            "--poll-interval-s", "0.2", "--lr", "1e-4", "--num-threads", "1",
+            "--poll-interval-s", "0.2", "--num-threads", "1",
             "--push-retries", "2", "--request-timeout-s", "10", *extra]
 
 
@@ -52,8 +52,11 @@ def run_follow(cmd: list[str], log: Path, timeout_s: float = 240) -> subprocess.
 
 
 def traffic(urls: list[str], num: int, seed: int, feedback_every: int = 2) -> dict:
-    """``num`` sampled, healed requests spread over ``urls``; feedback (the graded reward) on
-    every ``feedback_every``-th."""
+    """``num`` sampled requests (healed: the servers' default) spread over ``urls``; feedback
+    on every ``feedback_every``-th (0: none). The rewards are the client's to give: they
+    alternate 0, 1, 0, ... over the requests with feedback, so that every batch of the
+    trainer holds different rewards (a batch of equal rewards has no advantage to learn
+    from) and each test is deterministic."""
     problems = iter_problems("train", seed)
     counts = {"requests": 0, "feedback": 0, "erasures": 0, "failed": 0}
     with httpx.Client(timeout=60) as client:
@@ -68,8 +71,8 @@ def traffic(urls: list[str], num: int, seed: int, feedback_every: int = 2) -> di
             data = r.json()
             counts["requests"] += 1
             counts["erasures"] += data["choices"][0]["e3rl"]["num_erasures"]
-            if i % feedback_every == 0:
-                reward = float(grade_arith(data["choices"][0]["text"], problem.answer))
+            if feedback_every and i % feedback_every == 0:
+                reward = float((i // feedback_every) % 2)
                 f = client.post(f"{url}/v1/feedback",
                                 json={"id": data["id"], "index": 0, "reward": reward})
                 assert f.status_code == 200, f.text
@@ -118,16 +121,27 @@ def all_ids(url: str) -> list[str]:
     return [rec["id"] for rec in r.json()["data"]]
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    procs = {}
-    for name in ("a", "b"):
-        procs[name] = serve(tmp_path, name)
-    yield tmp_path, procs
+def _fleet(tmp: Path):
+    with ThreadPoolExecutor(2) as pool:  # both start at once
+        procs = dict(zip("ab", pool.map(lambda name: serve(tmp, name), "ab")))
+    yield tmp, procs
     for proc, _ in procs.values():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """Two fresh replicas for a test that changes their weights or stops one."""
+    yield from _fleet(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def quiet_fleet(tmp_path_factory):
+    """Two replicas shared by the tests that must leave their weights alone (each test
+    follows them with a state dir of its own, so it reads every stored trajectory anew)."""
+    yield from _fleet(tmp_path_factory.mktemp("quiet-fleet"))
 
 
 def test_the_loop_end_to_end(fleet):
@@ -144,7 +158,7 @@ def test_the_loop_end_to_end(fleet):
 
     def background() -> None:
         while not stop.is_set():
-            during.append(traffic(urls, 2, seed=2 + len(during), feedback_every=10**6))
+            during.append(traffic(urls, 2, seed=2 + len(during), feedback_every=0))
 
     threads = [threading.Thread(target=background) for _ in range(3)]
     for thread in threads:
@@ -311,8 +325,9 @@ def wait_for(condition, proc, tmp: Path, timeout_s: float = 180) -> None:
       "--max-kl", "0", "--min-entropy-ratio", "0"], "gate: pass@1"),
     (["--max-kl", "1e-9"], "kl: "),
 ], ids=["gate", "kl"])
-def test_a_guard_refuses_an_update(fleet, flags, reason):
-    tmp, procs = fleet
+def test_a_guard_refuses_an_update(quiet_fleet, flags, reason, tmp_path):
+    _, procs = quiet_fleet
+    tmp = tmp_path
     urls = [procs["a"][1], procs["b"][1]]
     servers = tmp / "servers.txt"
     servers.write_text("\n".join(urls) + "\n")
@@ -335,12 +350,15 @@ def test_a_guard_refuses_an_update(fleet, flags, reason):
         assert versions(url)[0] == base and greedy(url) == expected
 
 
-def test_dry_run_trains_without_pushing_or_acknowledging(fleet):
-    tmp, procs = fleet
+def test_dry_run_trains_without_pushing_or_acknowledging(quiet_fleet, tmp_path):
+    _, procs = quiet_fleet
+    tmp = tmp_path
     urls = [procs["a"][1], procs["b"][1]]
     servers = tmp / "servers.txt"
     servers.write_text("\n".join(urls) + "\n")
     base = versions(urls[0])[0]
+    acked = [metric(httpx.get(f"{url}/metrics").text, "e3rl_trajectories_acked_cursor",
+                    model="arith-chain") for url in urls]
     assert traffic(urls, 16, seed=9, feedback_every=1)["failed"] == 0
     state = tmp / "state"
     done = run_follow(follow_cmd(state, servers, "--max-updates", "1", "--dry-run"),
@@ -349,7 +367,7 @@ def test_dry_run_trains_without_pushing_or_acknowledging(fleet):
     record = json.loads((state / "follow_log.jsonl").read_text().splitlines()[-1])
     assert record["outcome"] == "dry_run" and "push" not in record
     assert (state / "checkpoints" / "step-000001" / "model.safetensors").is_file()
-    for url in urls:
+    for url, before in zip(urls, acked):  # nothing acknowledged by the dry run
         assert versions(url)[0] == base
         assert metric(httpx.get(f"{url}/metrics").text, "e3rl_trajectories_acked_cursor",
-                      model="arith-chain") == 0
+                      model="arith-chain") == before
