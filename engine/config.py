@@ -26,6 +26,17 @@ class EngineConfig:
     # pool), "sdpa" = torch SDPA over gathered blocks (any device), "auto" = native on CPU
     # when it builds (a warning says why not), sdpa elsewhere.
     attention_backend: str = "auto"
+    # Automatic prefix caching: full KV blocks are indexed by a hash of their whole prefix
+    # (and the weights version); a request reuses the cached blocks of its longest cached
+    # prefix and computes only the rest; freed cached blocks stay reusable until evicted
+    # (LRU); a weight swap drops the whole index. Off by default: with it on, a hit prompt is
+    # prefilled from its first uncached token (the chunked-prefill attention path), whose
+    # float rounding differs (~5e-7) from a whole-prompt prefill, and an existing bit-exact
+    # test (tests/engine/test_healing.py::test_deltas_never_show_erased_text: the same
+    # forced-healing request twice on one engine) then restores another attempt among
+    # near-ties. Outputs stay correct (log-probs match a from-scratch forward), not bitwise
+    # reproducible across cold and warm cache.
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

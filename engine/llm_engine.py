@@ -42,6 +42,8 @@ class EngineStats:
     num_erasures: int = 0
     num_erased_tokens: int = 0
     num_recomputed_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in it
 
     @property
     def kv_cache_usage(self) -> float:
@@ -61,7 +63,8 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.vocab_size
         kv = self.runner.kv_cache
-        self.block_manager = BlockManager(kv.num_blocks, kv.block_size)
+        self.block_manager = BlockManager(kv.num_blocks, kv.block_size,
+                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()
@@ -191,6 +194,7 @@ class LLMEngine:
                 seq.first_scheduled_time = now
             seq.num_computed_tokens += item.num_new_tokens
             seq.num_model_tokens += item.num_new_tokens
+            self.scheduler.cache_computed_blocks(seq)
             if run.sample_rows[i] >= 0:
                 to_sample.append((seq, run.sample_rows[i]))
                 request = self.requests[seq.request_id]
@@ -369,7 +373,11 @@ class LLMEngine:
 
         Running sequences keep their tokens but their KV cache is dropped and recomputed with
         the new weights (as after a preemption): a sequence never attends over KV from two
-        weight versions, and no request waits for others to finish before the swap."""
+        weight versions, and no request waits for others to finish before the swap.
+
+        Prefix caching: the whole cache index is dropped after the running sequences are
+        preempted (their blocks go back to the free list, not to the cache), and new blocks are
+        keyed with the new version, so no block computed with older weights is ever hit."""
         from . import weights
 
         if not isinstance(version, str) or not version:
@@ -381,6 +389,7 @@ class LLMEngine:
         for seq in list(self.scheduler.running):
             self.scheduler.running.remove(seq)
             self.scheduler._preempt(seq)
+        self.block_manager.reset_prefix_cache(version)
         for request in self.requests.values():
             for seq in request.seqs:
                 seq.weight_versions.append((seq.num_output_tokens, version))
@@ -403,4 +412,6 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens,
             weight_version=self.weight_version, num_segments=self.num_segments,
             num_erasures=self.num_erasures, num_erased_tokens=self.num_erased_tokens,
-            num_recomputed_tokens=self.num_recomputed_tokens)
+            num_recomputed_tokens=self.num_recomputed_tokens,
+            prefix_cache_hit_tokens=self.block_manager.num_hit_tokens,
+            prefix_cache_queried_tokens=self.block_manager.num_queried_tokens)

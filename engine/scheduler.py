@@ -7,7 +7,8 @@ token). Running sequences go first, in arrival order; waiting ones join while bu
 slots and KV blocks last. When the pool cannot hold a running sequence's next tokens, the most
 recently admitted running sequence is preempted: its blocks are freed and it goes back to the
 head of the waiting queue, to be recomputed (prompt and output so far) when it is admitted
-again. A request whose prompt plus ``max_tokens`` cannot fit the pool alone is refused at
+again. With prefix caching, a sequence being admitted (new or preempted) first takes the
+cached blocks of its longest cached prefix and starts computing after them. A request whose prompt plus ``max_tokens`` cannot fit the pool alone is refused at
 admission, so the loop always makes progress and never runs out of memory.
 """
 
@@ -64,6 +65,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)
+        seq.block_hashes.clear()
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -97,10 +99,24 @@ class Scheduler:
             # A request's first sample reserves slots for its n - 1 forks.
             if len(self.running) + 1 + seq.num_children_to_fork > self.max_num_seqs:
                 break
+            cached = 0
+            lookup = (bm.enable_caching and seq.num_computed_tokens == 0
+                      and seq.params.prompt_logprobs is None)  # cached rows have no logits
+            if lookup:
+                cached = bm.allocate_cached_prefix(seq.token_ids, seq.block_table,
+                                                   seq.block_hashes)
+                seq.num_computed_tokens = cached
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.can_write(seq.block_table, seq.num_computed_tokens,
                                 seq.num_computed_tokens + num_new):
+                if cached:  # give the hits back (they stay cached)
+                    bm.free(seq.block_table)
+                    seq.block_hashes.clear()
+                    seq.num_computed_tokens = 0
                 break
+            if lookup:
+                bm.num_queried_tokens += seq.num_tokens
+                bm.num_hit_tokens += cached
             self.waiting.popleft()
             out.block_copies += bm.prepare_write(seq.block_table, seq.num_computed_tokens,
                                                  seq.num_computed_tokens + num_new)
@@ -113,13 +129,20 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start ``child`` right after ``parent``'s prompt prefill, sharing its blocks."""
         child.block_table = self.block_manager.fork(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Index ``seq``'s blocks that became full and computed (prefix caching)."""
+        self.block_manager.cache_full_blocks(seq.token_ids, seq.block_table, seq.block_hashes,
+                                             seq.num_computed_tokens)
+
     def finish(self, seq: Sequence) -> None:
         """Release a finished (or aborted) sequence's blocks and drop it from the queues."""
         self.block_manager.free(seq.block_table)
+        seq.block_hashes.clear()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -128,6 +151,12 @@ class Scheduler:
     def truncate(self, seq: Sequence, num_output_tokens: int) -> None:
         """Erase ``seq``'s output past ``num_output_tokens`` tokens: the kept prefix's blocks
         stay as they are, the blocks past the cut return to the pool. Only the last kept
-        token is fed again (its logits are needed); nothing before it is recomputed."""
+        token is fed again (its logits are needed); nothing before it is recomputed.
+
+        Prefix caching: full blocks before the cut stay indexed (their contents are
+        unchanged); released ones stay valid in the cache; the block the cut falls in is
+        un-indexed or copied before it is written (``BlockManager.truncate``), and the
+        sequence's block hashes are cut to its full computed blocks."""
         seq.truncate_output(num_output_tokens)
         self.block_manager.truncate(seq.block_table, seq.num_computed_tokens)
+        del seq.block_hashes[seq.num_computed_tokens // self.block_manager.block_size:]

@@ -36,6 +36,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # Prefix-cache hashes of the leading full, computed blocks of ``block_table``.
+        self.block_hashes: list[bytes] = []
         self.params = params
         self.generator = generator
         self.detokenizer = detokenizer

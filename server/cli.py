@@ -82,6 +82,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
     p.add_argument("--metrics-require-auth", dest="metrics_require_auth", action="store_true",
                    default=None, help="protect /metrics with the API key")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="automatic prefix caching (default: off; E3RL_ENABLE_PREFIX_CACHING)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None,
                    help="no per-request log lines")
     p.set_defaults(func=serve)
@@ -94,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS}
     given["metrics_require_auth"] = args.metrics_require_auth
     given["access_log"] = args.access_log
+    given["enable_prefix_caching"] = args.enable_prefix_caching
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
         settings.check_model()

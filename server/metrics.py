@@ -31,7 +31,8 @@ METRIC_NAMES = (
     "e3rl_inter_token_latency_seconds", "e3rl_e2e_request_latency_seconds",
     "e3rl_request_queue_time_seconds", "e3rl_requests_running", "e3rl_requests_waiting",
     "e3rl_kv_cache_usage_ratio", "e3rl_kv_cache_blocks", "e3rl_kv_cache_free_blocks",
-    "e3rl_preemptions_total", "e3rl_weights_version", "e3rl_engine_alive",
+    "e3rl_preemptions_total", "e3rl_prefix_cache_hit_tokens_total",
+    "e3rl_prefix_cache_queried_tokens_total", "e3rl_weights_version", "e3rl_engine_alive",
     "e3rl_erasures_total", "e3rl_erased_tokens_total", "e3rl_segments_total",
     "e3rl_recomputed_tokens_total", "e3rl_trajectories_written_total",
     "e3rl_trajectories_dropped_total", "e3rl_trajectories_failed_total",
@@ -77,6 +78,12 @@ class EngineCollector(Collector):
         yield gauge("e3rl_kv_cache_blocks", "KV cache blocks in the pool.", stats.num_kv_blocks)
         yield gauge("e3rl_kv_cache_free_blocks", "KV cache blocks free.",
                     stats.num_free_kv_blocks)
+        yield counter("e3rl_prefix_cache_hit_tokens", "Prompt tokens whose KV was found in "
+                      "the prefix cache (not computed).",
+                      getattr(stats, "prefix_cache_hit_tokens", 0))
+        yield counter("e3rl_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+                      "prefix cache (hit rate = hit / queried).",
+                      getattr(stats, "prefix_cache_queried_tokens", 0))
         yield counter("e3rl_preemptions", "Sequences preempted (blocks freed, recomputed "
                       "later) because the KV cache ran out.", stats.num_preemptions)
         yield counter("e3rl_prompt_tokens", "Prompt tokens admitted by the engine.",

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="seed of the random streams of unseeded requests")
     attention_backend: Literal["auto", "native", "sdpa"] = Field("auto", description="decode attention: auto | native | "
                                    "sdpa (native: e3rl's C++ paged kernel, CPU only)")
+    enable_prefix_caching: bool = Field(False, description="automatic prefix caching: reuse "
+                                        "the KV blocks of a cached prompt prefix (off by "
+                                        "default; see README 'Prefix caching')")
     healing: dict | None = Field(None, description="server-wide self-healing defaults as "
                                  "JSON for every request, e.g. '{\"enabled\": true, "
                                  "\"kappa\": 2}' or '{\"enabled\": false}'; a request's "
@@ -202,4 +205,5 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len, max_waiting=self.max_waiting,
             num_threads=self.num_threads or default_num_threads(), seed=self.seed,
             attention_backend=self.attention_backend,
+            enable_prefix_caching=self.enable_prefix_caching,
             served_model_name=self.model_name)

@@ -94,7 +94,12 @@ engine_ops = st.lists(
 @given(engine_ops)
 def test_engine_never_leaks_blocks(small_llm, operations):
     """Any mix of finished, aborted, truncated and preempted requests returns every block."""
-    engine = small_llm.engine
+    run_engine_ops(small_llm.engine, operations)
+
+
+def run_engine_ops(engine, operations):
+    """Apply ``operations`` to the engine, checking the block invariants after each one and
+    that every block is usable again at the end (also run with prefix caching on)."""
     live: list[str] = []
     for k, (op, i, n) in enumerate(operations):
         if op == "add":

@@ -116,3 +116,16 @@ def test_serve_process_end_to_end(tiny_model, tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Application shutdown complete" in out
+
+
+def test_prefix_caching_flag_and_env(monkeypatch, captured, tiny_model):
+    assert cli.main(["serve", "--model", str(tiny_model)]) == 0
+    assert captured[-1][1].engine_config().enable_prefix_caching is False  # the default
+    monkeypatch.setenv("E3RL_ENABLE_PREFIX_CACHING", "true")
+    assert cli.main(["serve", "--model", str(tiny_model)]) == 0
+    assert captured[-1][1].engine_config().enable_prefix_caching is True
+    assert cli.main(["serve", "--model", str(tiny_model), "--no-enable-prefix-caching"]) == 0
+    assert captured[-1][1].enable_prefix_caching is False
+    monkeypatch.delenv("E3RL_ENABLE_PREFIX_CACHING")
+    assert cli.main(["serve", "--model", str(tiny_model), "--enable-prefix-caching"]) == 0
+    assert captured[-1][1].enable_prefix_caching is True
