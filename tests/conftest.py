@@ -24,6 +24,18 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> list[list[
     return outs
 
 
+def hf_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+    """The reference log-prob of each output token given everything before it: one forward
+    of ``model`` (a transformers model, or a model directory to load) over prompt + output."""
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + output])).logits[0].log_softmax(-1)
+    return [float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(output)]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """One tiny random model directory per architecture (built once per session)."""

@@ -3,12 +3,12 @@
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from e3rl.engine import LLM, InvalidRequest, SamplingParams
 from e3rl.engine.healer import HealingParams, ThresholdEstimator
 from e3rl.engine.healer.segmenter import segment_score
+from tests.conftest import hf_logprobs
 
 # Lines are rare in a random model's output: make common characters boundaries instead.
 BOUNDARY = ["a", "e", "i", "o", " ", "\n"]
@@ -50,11 +50,7 @@ def test_forced_erasures_keep_logprobs_exact(llm, tiny_model):
     for out in outs:
         o = out.outputs[0]
         assert o.num_computed_tokens > len(o.token_ids)
-        ids = out.prompt_token_ids + o.token_ids
-        with torch.no_grad():
-            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        p = len(out.prompt_token_ids)
-        expected = [float(logp[p + i - 1, t]) for i, t in enumerate(o.token_ids)]
+        expected = hf_logprobs(model, out.prompt_token_ids, o.token_ids)
         assert o.logprobs == pytest.approx(expected, abs=2e-4)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 

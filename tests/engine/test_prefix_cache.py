@@ -4,7 +4,6 @@ after a weight swap, LRU eviction, healing truncates keep the cache exact, no le
 import random
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from transformers import AutoModelForCausalLM
 
@@ -12,6 +11,7 @@ from e3rl.engine import LLM, SamplingParams
 from e3rl.engine.block_manager import BlockManager
 from e3rl.engine.model_factory import build_tiny_model
 from tests.engine.test_block_manager import engine_ops, run_engine_ops
+from tests.conftest import hf_logprobs
 from tests.engine.test_healing import FORCE
 
 BS = 4
@@ -169,11 +169,7 @@ def test_forced_healing_with_caching_keeps_kv_exact(tiny_model):
     for out in first + second:
         o = out.outputs[0]
         erasures += len(o.erasures)
-        ids = out.prompt_token_ids + o.token_ids
-        with torch.no_grad():
-            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        p = len(out.prompt_token_ids)
-        expected = [float(logp[p + i - 1, t]) for i, t in enumerate(o.token_ids)]
+        expected = hf_logprobs(model, out.prompt_token_ids, o.token_ids)
         assert o.logprobs == pytest.approx(expected, abs=2e-4)
     assert erasures >= 4
     bm = on.engine.block_manager

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from e3rl.engine import LLM, SamplingParams, WeightUpdateError
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.engine.weights import resolve_checkpoint_dir
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, hf_logprobs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44]]
@@ -132,15 +132,6 @@ def _state_dict(path) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in model.state_dict().items()}
 
 
-def _hf_logprobs(path, prompt: list[int], output_ids: list[int]) -> list[float]:
-    """Hugging Face's log-probability of each output token given everything before it."""
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    ids = prompt + output_ids
-    with torch.no_grad():
-        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    return [float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(output_ids)]
-
-
 def test_full_state_dict_of_a_tied_model_is_accepted(tied_models):
     old, new = tied_models
     state = _state_dict(new)
@@ -154,9 +145,9 @@ def test_full_state_dict_of_a_tied_model_is_accepted(tied_models):
     # A tied random model tends to repeat its input, so greedy tokens alone cannot tell the
     # two weight sets apart: the log-probabilities do.
     assert after.token_ids == hf_greedy(new, PROMPTS[1:], 16)[0]
-    expected = _hf_logprobs(new, PROMPTS[1], after.token_ids)
+    expected = hf_logprobs(new, PROMPTS[1], after.token_ids)
     assert after.logprobs == pytest.approx(expected, abs=1e-4)
-    assert after.logprobs != pytest.approx(_hf_logprobs(old, PROMPTS[1], after.token_ids),
+    assert after.logprobs != pytest.approx(hf_logprobs(old, PROMPTS[1], after.token_ids),
                                            abs=1e-2)
     # The directory form (``save_pretrained`` leaves the tied copy out) still works.
     llm.engine.update_weights(old, "v3")
