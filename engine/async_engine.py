@@ -1,7 +1,6 @@
-"""The online API: ``LLMEngine.step()`` runs on its own thread; requests stream deltas to
-per-request asyncio queues. Adds, aborts and other engine calls (weight swaps, stats) are
-applied between two steps, on the engine thread, so the engine is never touched by two
-threads at once."""
+"""The engine loop on a thread of this process (``EngineCoreClient`` runs it in a process of
+its own). Adds, aborts and other engine calls (weight swaps, stats) are applied between two
+steps, on the engine thread, so the engine is never touched by two threads at once."""
 
 from __future__ import annotations
 
@@ -9,46 +8,43 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
+from . import weights
+from .client import EngineClient, WeightSwapResult
 from .config import EngineConfig
-from .errors import EngineDead, InvalidRequest, QueueFull, StepFailed
-from .llm_engine import EngineStats, LLMEngine
+from .errors import EngineDead
+from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .step_guard import MAX_CONSECUTIVE_STEP_FAILURES, GuardedStep
 
 logger = logging.getLogger(__name__)
 
-# A step that raises fails only the requests it was running; this many failing steps in a row
-# mean the engine itself is broken, and it stops (EngineDead, /ready 503).
-MAX_CONSECUTIVE_STEP_FAILURES = 3
+__all__ = ["AsyncEngine", "MAX_CONSECUTIVE_STEP_FAILURES"]
 
 
-class AsyncEngine:
-    """Thread-backed engine for an asyncio server."""
+class AsyncEngine(EngineClient):
+    """Thread-backed engine for an asyncio server (and for tests that reach into the engine:
+    ``.engine`` is the ``LLMEngine`` itself)."""
 
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
-        from transformers import AutoTokenizer
-
-        self.config = config
         self.engine = engine if engine is not None else LLMEngine(config)
-        # The front end tokenizes with its own tokenizer instance (the engine thread
-        # detokenizes with the other one), so the two threads never share one.
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True,
-                                                       trust_remote_code=False)
-        self.max_model_len = self.engine.max_model_len
+        super().__init__(config, self.engine.limits, self.engine.stats(),
+                         weights.num_checkpoint_bytes(self.engine.runner.model))
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._num_queued = 0  # requests submitted but not yet added by the engine thread
-        self._lock = threading.Lock()
+        self._step = GuardedStep(self.engine)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self.num_step_failures = 0  # in a row
-        self.latest_stats: EngineStats = self.engine.stats()
         self.step_listeners: list[Callable[[LLMEngine, list[RequestOutput]], None]] = []
+
+    @property
+    def num_step_failures(self) -> int:  # in a row
+        return self._step.num_failures
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -65,49 +61,10 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    # -- requests ------------------------------------------------------------------------
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Check a request without submitting it; returns its prompt token ids."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt must not be empty", param="prompt")
-            ids = self.tokenizer(prompt)["input_ids"]
-        else:
-            _, ids = self.engine.tokenize(prompt)
-        self.engine.check_lengths(len(ids), params)
-        return ids
-
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its deltas until it finishes. Raises
-        ``InvalidRequest``, ``QueueFull`` or ``EngineDead`` before the first delta. Closing
-        the iterator early (a client that disconnects) aborts the request."""
-        if not self.is_alive:
-            raise EngineDead("the engine is not running")
-        ids = self.validate(prompt, params)
-        with self._lock:
-            waiting = self.latest_stats.num_waiting_requests + self._num_queued
-            if waiting >= self.config.max_waiting:
-                raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
-            self._num_queued += 1
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        text = prompt if isinstance(prompt, str) else None
+    # -- requests and calls --------------------------------------------------------------
+    def _submit(self, request_id: str, text: str | None, ids: list[int],
+                params: SamplingParams) -> None:
         self._commands.put(("add", request_id, text, ids, params))
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -118,19 +75,30 @@ class AsyncEngine:
         self._commands.put(("call", fn, future))
         return future
 
-    # -- the engine thread ---------------------------------------------------------------
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+    async def update_weights(self, path: Path, version: str) -> WeightSwapResult:
+        t0 = time.monotonic()
+        tensors = await asyncio.to_thread(self._read_and_validate, path)
+        t1 = time.monotonic()
 
+        def apply(engine: LLMEngine) -> None:  # on the engine thread
+            engine.update_weights(tensors, version)
+            self.latest_stats = engine.stats()  # /v1/models and /metrics see it at once
+
+        await asyncio.wrap_future(self.call(apply))
+        return WeightSwapResult(version, len(tensors), t1 - t0, time.monotonic() - t1)
+
+    def _read_and_validate(self, path: Path) -> dict:
+        # Off the engine thread: validation only reads the parameters' names, shapes, dtypes.
+        tensors = weights.read_checkpoint(path)
+        weights.validate(self.engine.runner.model, tensors)
+        return tensors
+
+    # -- the engine thread ---------------------------------------------------------------
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
             _, request_id, text, ids, params = command
-            with self._lock:
-                self._num_queued -= 1
+            self._taken_in()
             try:
                 self.engine.add_request(request_id, ids, params)
                 if text is not None:
@@ -161,7 +129,10 @@ class AsyncEngine:
                         self._apply(self._commands.get_nowait())
                 except queue.Empty:
                     pass
-                outputs = self._step() if self.engine.has_unfinished_requests() else []
+                outputs, failed = self._step() if self.engine.has_unfinished_requests() \
+                    else ([], [])
+                for request_id, error in failed:
+                    self._deliver(request_id, error)
                 for delta in outputs:
                     self._deliver(delta.request_id, delta)
                 for listener in self.step_listeners:
@@ -171,28 +142,8 @@ class AsyncEngine:
             logger.exception("engine loop crashed")
             self.error = exc
             dead = EngineDead(f"the engine loop crashed: {type(exc).__name__}")
-            for request_id in list(self._streams):
-                self._deliver(request_id, dead)
+            self._fail_all(dead)
             self._fail_pending_calls(dead)
-
-    def _step(self) -> list[RequestOutput]:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            self.num_step_failures += 1
-            if self.num_step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                raise
-            running = sorted({s.request_id for s in self.engine.scheduler.running})
-            logger.exception("engine step failed (%d in a row); aborting the %d running "
-                             "request(s), serving on", self.num_step_failures, len(running))
-            message = (f"the engine failed while running this request ({type(exc).__name__}); "
-                       "it was aborted")
-            for request_id in running:
-                self.engine.abort(request_id)
-                self._deliver(request_id, StepFailed(message))
-            return []
-        self.num_step_failures = 0
-        return outputs
 
     def _fail_pending_calls(self, error: EngineDead) -> None:
         while True:

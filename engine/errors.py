@@ -35,3 +35,8 @@ class ModelNotSupported(EngineError):
 
 class WeightUpdateError(EngineError):
     """A checkpoint was refused: nothing changed, the old weights keep serving."""
+
+
+class EngineStartError(EngineError):
+    """The engine-core process could not start (the message says why: its own error, or how
+    it exited)."""

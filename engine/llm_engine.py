@@ -15,6 +15,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequest, QueueFull, WeightUpdateError
 from .healer import HealDecision, Healer, ThresholdEstimator
+from .limits import RequestLimits
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .request import Request
@@ -65,6 +66,8 @@ class LLMEngine:
         kv = self.runner.kv_cache
         self.block_manager = BlockManager(kv.num_blocks, kv.block_size,
                                           enable_caching=config.enable_prefix_caching)
+        self.limits = RequestLimits(self.vocab_size, self.max_model_len,
+                                    kv.num_blocks * kv.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()
@@ -97,14 +100,7 @@ class LLMEngine:
             if not prompt:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             return prompt, self.tokenizer(prompt)["input_ids"]
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InvalidRequest("prompt must be a non-empty string or list of token ids",
-                                 param="prompt")
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise InvalidRequest(f"prompt token id {t!r} is outside the vocabulary "
-                                     f"[0, {self.vocab_size})", param="prompt")
-        return None, list(prompt)
+        return None, self.limits.prompt_ids(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams) -> None:
@@ -128,19 +124,8 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
 
     def check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
-        """Raise ``InvalidRequest`` unless the prompt and ``max_tokens`` fit the model's
-        context and the KV pool (a request that could never fit is refused up front)."""
-        if num_prompt >= self.max_model_len:
-            raise InvalidRequest(f"prompt has {num_prompt} tokens; the model's context length "
-                                 f"is {self.max_model_len}", param="prompt")
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"prompt ({num_prompt} tokens) + max_tokens "
-                                 f"({params.max_tokens}) exceeds the model's context length "
-                                 f"{self.max_model_len}", param="max_tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if num_prompt + params.max_tokens > capacity:
-            raise InvalidRequest(f"prompt + max_tokens ({num_prompt + params.max_tokens}) "
-                                 f"exceeds the KV cache ({capacity} tokens)", param="max_tokens")
+        """See ``RequestLimits.check_lengths``."""
+        self.limits.check_lengths(num_prompt, params)
 
     def _new_sequence(self, request_id: str, index: int, ids: list[int],
                       params: SamplingParams) -> Sequence:

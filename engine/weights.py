@@ -142,3 +142,23 @@ def copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if name not in tied:
             state[name].copy_(tensor)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint directory (``read_safetensors_dir``) or a single safetensors file (an
+    uploaded checkpoint). Raises ``WeightUpdateError`` for anything unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if Path(path).is_dir():
+        return read_safetensors_dir(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightUpdateError(f"not a valid safetensors file: {exc}") from exc
+
+
+def num_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor of ``model``'s state dict (tied copies included, as a full
+    ``state_dict()`` carries them): the largest a valid checkpoint's tensors can be."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -16,6 +16,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
+from e3rl.engine.core_client import EngineCoreClient
 
 from .deps import get_engine, get_metrics, get_settings
 from .drain import Drain
@@ -116,7 +118,7 @@ async def _drain(receive: Receive) -> None:
         pass
 
 
-def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
     """The server. Without ``engine`` the lifespan loads ``settings``' model and owns the
     engine; with one (tests, embedding) the caller starts and stops it."""
     settings = settings if settings is not None else Settings()
@@ -134,10 +136,12 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
                 settings.check_model()
                 config = settings.engine_config()
                 logger.info("loading %s (served as %r)", config.model, settings.model_name)
-                owned = await asyncio.to_thread(AsyncEngine, config)
+                kind = EngineCoreClient if settings.engine_process else AsyncEngine
+                owned = await asyncio.to_thread(kind, config)
                 owned.start()
                 _attach(app, owned)
-                logger.info("engine ready: context %d tokens, %d KV blocks",
+                logger.info("engine ready (%s): context %d tokens, %d KV blocks",
+                            "its own process" if settings.engine_process else "in process",
                             owned.max_model_len, owned.latest_stats.num_kv_blocks)
             yield
         finally:
@@ -225,7 +229,7 @@ def open_store(settings: Settings) -> TrajectoryStore | None:
                            synchronous=settings.store_synchronous)
 
 
-def _attach(app: FastAPI, engine: AsyncEngine) -> None:
+def _attach(app: FastAPI, engine: EngineClient) -> None:
     app.state.engine = engine
     app.state.token_text = TokenText(engine.tokenizer)
     settings: Settings = app.state.settings
@@ -233,7 +237,7 @@ def _attach(app: FastAPI, engine: AsyncEngine) -> None:
     logger.info("self-healing by default: %s for %s (source: %s)",
                 "on" if healing.is_on else "off", healing.applies_to, healing.source)
     app.state.max_upload_bytes = settings.max_upload_bytes or default_max_upload_bytes(
-        engine.engine.runner.model)
+        engine.num_checkpoint_bytes)
     if settings.checkpoint_dir is not None:
         logger.info("weight updates from %s; uploads up to %d bytes", settings.checkpoint_dir,
                     app.state.max_upload_bytes)

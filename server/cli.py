@@ -85,6 +85,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="automatic prefix caching (default: off; E3RL_ENABLE_PREFIX_CACHING)")
+    p.add_argument("--engine-process", dest="engine_process",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine loop in its own process (default: on; "
+                   "E3RL_ENGINE_PROCESS)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None,
                    help="no per-request log lines")
     p.set_defaults(func=serve)
@@ -98,6 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     given["metrics_require_auth"] = args.metrics_require_auth
     given["access_log"] = args.access_log
     given["enable_prefix_caching"] = args.enable_prefix_caching
+    given["engine_process"] = args.engine_process
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
         settings.check_model()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 from e3rl.engine.errors import EngineDead
 
 from .metrics import Metrics
@@ -14,7 +14,7 @@ from .settings import Settings
 from .trajectory_store import TrajectoryStore
 
 
-def get_engine(request: Request) -> AsyncEngine:
+def get_engine(request: Request) -> EngineClient:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise EngineDead("the engine is not running")

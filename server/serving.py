@@ -28,7 +28,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from e3rl.engine import SamplingParams
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 from e3rl.engine.outputs import RequestOutput, merge_delta
 
 from .errors import APIError, to_api_error
@@ -59,7 +59,7 @@ class ClientDisconnected(Exception):
 class Generation:
     """The engine requests of one HTTP request, their deltas, and their metrics."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, requests: list[EngineRequest],
+    def __init__(self, engine: EngineClient, metrics: Metrics, requests: list[EngineRequest],
                  recorder: TrajectoryRecorder | None = None):
         self.engine = engine
         self.metrics = metrics
@@ -296,7 +296,7 @@ def check_model(name: str | None, served_name: str) -> None:
                        code="model_not_found")
 
 
-def room_after(engine: AsyncEngine, num_prompt_tokens: int) -> int:
+def room_after(engine: EngineClient, num_prompt_tokens: int) -> int:
     """The most tokens that may follow a prompt (context length and KV pool), at least 1 so
     that an over-long prompt is refused for its length, not for max_tokens."""
     limit = engine.max_model_len

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(False, description="automatic prefix caching: reuse "
                                         "the KV blocks of a cached prompt prefix (off by "
                                         "default; see README 'Prefix caching')")
+    engine_process: bool = Field(True, description="run the engine loop in a process of its "
+                                 "own, so the HTTP front end never shares a GIL with it (off: "
+                                 "a thread of the server process)")
     healing: dict | None = Field(None, description="server-wide self-healing defaults as "
                                  "JSON for every request, e.g. '{\"enabled\": true, "
                                  "\"kappa\": 2}' or '{\"enabled\": false}'; a request's "

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
@@ -39,12 +38,12 @@ _DRAIN_MAX_BYTES = 64 * 1024 * 1024
 _DRAIN_MAX_S = 5.0
 
 
-def default_max_upload_bytes(model: torch.nn.Module) -> int:
-    """The largest upload a valid checkpoint of ``model`` can need: every tensor of its state
-    dict (tied copies included, as a full ``state_dict()`` carries them) plus slack for the
-    header. Shapes and dtypes never change across swaps, so this is computed once."""
-    num_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return num_bytes + UPLOAD_SLACK_BYTES
+def default_max_upload_bytes(num_checkpoint_bytes: int) -> int:
+    """The largest upload a valid checkpoint can need: every tensor of the model's state dict
+    (``weights.num_checkpoint_bytes``: tied copies included, as a full ``state_dict()``
+    carries them) plus slack for the header. Shapes and dtypes never change across swaps, so
+    this is computed once."""
+    return num_checkpoint_bytes + UPLOAD_SLACK_BYTES
 
 
 @dataclass(slots=True, frozen=True)

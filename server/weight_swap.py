@@ -1,21 +1,18 @@
 """What every weight update shares, whatever the checkpoint's source (a directory inside
 ``--checkpoint-dir``, or a file uploaded in the request body): the feature switch, one update
-at a time, the swap on the engine thread, and the refusal that leaves the old weights serving.
-"""
+at a time, and the refusal that leaves the old weights serving. The swap itself is the
+engine's (``EngineClient.update_weights``: read and validated while the engine keeps stepping,
+copied between two steps, all or nothing)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
-import torch
 from fastapi import Request
 
 from e3rl.engine import WeightUpdateError
-from e3rl.engine import weights as checkpoint
-from e3rl.engine.async_engine import AsyncEngine
 
 from .errors import APIError
 from .settings import Settings
@@ -42,25 +39,6 @@ def claim(request: Request) -> asyncio.Lock:
         raise APIError(409, "a weight update is already running; retry when it has finished",
                        "conflict_error", code="weight_update_in_progress")
     return lock
-
-
-def validate(engine: AsyncEngine, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise ``WeightUpdateError`` unless ``tensors`` fits the served model. Safe off the
-    engine thread: it only reads the model's parameter names, shapes and dtypes."""
-    checkpoint.validate(engine.engine.runner.model, tensors)
-
-
-async def swap(engine: AsyncEngine, tensors: dict[str, torch.Tensor], version: str) -> float:
-    """Copy validated ``tensors`` into the model between two engine steps (validated again
-    there, all or nothing) and publish the new version; returns the seconds it took."""
-    t0 = time.monotonic()
-
-    def apply(e) -> None:  # on the engine thread
-        e.update_weights(tensors, version)
-        engine.latest_stats = e.stats()  # /v1/models and /metrics see it at once
-
-    await asyncio.wrap_future(engine.call(apply))
-    return time.monotonic() - t0
 
 
 def refused(exc: WeightUpdateError, version: str, previous: str, source: str,

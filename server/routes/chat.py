@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from e3rl.engine import InvalidRequest, RequestOutput
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 
 from ..auth import require_api_key
 from ..deps import get_engine, get_metrics, get_recorder, get_settings
@@ -44,7 +44,7 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
+def _engine_request(req: ChatCompletionRequest, engine: EngineClient,
                     request_id: str, healing_defaults: HealingDefaults) -> EngineRequest:
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -60,7 +60,7 @@ def _engine_request(req: ChatCompletionRequest, engine: AsyncEngine,
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(req: ChatCompletionRequest, request: Request,
-                                 engine: AsyncEngine = Depends(get_engine),
+                                 engine: EngineClient = Depends(get_engine),
                                  metrics: Metrics = Depends(get_metrics),
                                  settings: Settings = Depends(get_settings),
                                  recorder: TrajectoryRecorder | None = Depends(get_recorder)):

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from e3rl.engine import InvalidRequest, RequestOutput
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 
 from ..auth import require_api_key
 from ..deps import get_engine, get_metrics, get_recorder, get_settings
@@ -53,7 +53,7 @@ def _check(req: CompletionRequest, settings: Settings) -> None:
         raise InvalidRequest("echo with logprobs cannot be streamed", param="echo")
 
 
-def _engine_requests(req: CompletionRequest, engine: AsyncEngine, request_id: str,
+def _engine_requests(req: CompletionRequest, engine: EngineClient, request_id: str,
                      settings: Settings) -> list[EngineRequest]:
     """Tokenize and validate every prompt before anything is submitted."""
     out = []
@@ -81,7 +81,7 @@ def _engine_requests(req: CompletionRequest, engine: AsyncEngine, request_id: st
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(req: CompletionRequest, request: Request,
-                            engine: AsyncEngine = Depends(get_engine),
+                            engine: EngineClient = Depends(get_engine),
                             metrics: Metrics = Depends(get_metrics),
                             settings: Settings = Depends(get_settings),
                             recorder: TrajectoryRecorder | None = Depends(get_recorder)):

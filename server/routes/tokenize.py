@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from e3rl.engine import InvalidRequest
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 
 from ..auth import require_api_key
 from ..deps import get_engine, get_settings
@@ -19,7 +19,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(req: TokenizeRequest, engine: AsyncEngine = Depends(get_engine),
+async def tokenize(req: TokenizeRequest, engine: EngineClient = Depends(get_engine),
                    settings: Settings = Depends(get_settings)) -> TokenizeResponse:
     check_model(req.model, settings.model_name)
     tokenizer = engine.tokenizer
@@ -35,7 +35,7 @@ async def tokenize(req: TokenizeRequest, engine: AsyncEngine = Depends(get_engin
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(req: DetokenizeRequest, engine: AsyncEngine = Depends(get_engine),
+async def detokenize(req: DetokenizeRequest, engine: EngineClient = Depends(get_engine),
                      settings: Settings = Depends(get_settings)) -> DetokenizeResponse:
     check_model(req.model, settings.model_name)
     tokenizer = engine.tokenizer
@@ -50,7 +50,7 @@ async def detokenize(req: DetokenizeRequest, engine: AsyncEngine = Depends(get_e
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(engine: AsyncEngine = Depends(get_engine)) -> dict:
+async def tokenizer_info(engine: EngineClient = Depends(get_engine)) -> dict:
     """The tokenizer's configuration, as vLLM returns it (special tokens, chat template)."""
     tok = engine.tokenizer
     return {

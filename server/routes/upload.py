@@ -17,16 +17,13 @@ it first (bounded), so the client reads the error instead of a connection reset.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
-import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
 from e3rl.engine import WeightUpdateError
-from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
 
 from .. import weight_swap
 from ..auth import require_admin_key
@@ -34,7 +31,7 @@ from ..deps import get_engine, get_settings
 from ..errors import APIError, invalid
 from ..protocol import MAX_VERSION_LENGTH, ErrorResponse, WeightUpdateResponse
 from ..settings import Settings
-from ..upload import Upload, drain_unread, receive_to_temp_file
+from ..upload import drain_unread, receive_to_temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,28 +67,13 @@ def _check_content_type(request: Request) -> None:
                        code="unsupported_media_type")
 
 
-def _load(engine: AsyncEngine, received: Upload) -> dict[str, torch.Tensor]:
-    """Read and validate the uploaded file (worker thread; the engine keeps stepping)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if received.num_bytes == 0:
-        raise WeightUpdateError("the body is empty: send the checkpoint's model.safetensors")
-    try:
-        tensors = load_file(str(received.path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise WeightUpdateError(f"not a valid safetensors file: {exc}") from exc
-    weight_swap.validate(engine, tensors)
-    return tensors
-
-
 @router.post(UPLOAD_PATH, response_model=WeightUpdateResponse, openapi_extra=_BODY,
              responses={c: {"model": ErrorResponse, "description": d}
                         for c, d in _ERRORS.items()})
 async def upload_weights(request: Request,
                          version: str | None = Query(None, description="the version the "
                                                      "uploaded weights become (required)"),
-                         engine: AsyncEngine = Depends(get_engine),
+                         engine: EngineClient = Depends(get_engine),
                          settings: Settings = Depends(get_settings),
                          ) -> WeightUpdateResponse | Response:
     try:
@@ -115,10 +97,10 @@ async def upload_weights(request: Request,
         try:
             async with receive_to_temp_file(request, root,
                                             request.app.state.max_upload_bytes) as body:
-                t0 = time.monotonic()
-                tensors = await asyncio.to_thread(_load, engine, body)
-                load_s = time.monotonic() - t0
-            swap_s = await weight_swap.swap(engine, tensors, version)
+                if body.num_bytes == 0:
+                    raise WeightUpdateError("the body is empty: send the checkpoint's "
+                                            "model.safetensors")
+                result = await engine.update_weights(body.path, version)
         except WeightUpdateError as exc:
             raise weight_swap.refused(exc, version, previous, "an upload", param=None) \
                 from None
@@ -128,8 +110,8 @@ async def upload_weights(request: Request,
             return Response(status_code=499)  # nobody is listening
     logger.info("weights swapped: version %s -> %s from an upload (%d bytes, %d tensors; "
                 "receive %.2f s, validate %.2f s, swap %.3f s)", previous, version,
-                body.num_bytes, len(tensors), body.receive_s, load_s, swap_s)
+                body.num_bytes, result.num_tensors, body.receive_s, result.load_s, result.swap_s)
     return WeightUpdateResponse(version=version, previous_version=previous, source="upload",
-                                path=None, num_tensors=len(tensors), num_bytes=body.num_bytes,
-                                receive_s=round(body.receive_s, 4), load_s=round(load_s, 4),
-                                swap_s=round(swap_s, 4))
+                                path=None, num_tensors=result.num_tensors,
+                                num_bytes=body.num_bytes, receive_s=round(body.receive_s, 4),
+                                load_s=round(result.load_s, 4), swap_s=round(result.swap_s, 4))

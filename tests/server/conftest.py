@@ -21,6 +21,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from e3rl.engine.async_engine import AsyncEngine
+from e3rl.engine.client import EngineClient
+from e3rl.engine.core_client import EngineCoreClient
 from e3rl.server.app import create_app
 from e3rl.server.settings import Settings
 
@@ -43,8 +45,12 @@ def make_settings(model_dir, **overrides) -> Settings:
     return Settings(**options)
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
-    engine = AsyncEngine(settings.engine_config())
+def make_engine(settings: Settings) -> EngineClient:
+    """The engine as ``e3rl serve`` runs it: in a process of its own (``EngineCoreClient``),
+    or on a thread of this process with ``engine_process=False`` (``AsyncEngine``, for tests
+    that reach into the engine)."""
+    kind = EngineCoreClient if settings.engine_process else AsyncEngine
+    engine = kind(settings.engine_config())
     engine.start()
     return engine
 

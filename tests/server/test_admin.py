@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -20,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from e3rl.engine import weights as engine_weights
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.server.app import create_app
 
@@ -160,28 +160,26 @@ def test_no_checkpoint_dir_configured_refuses_weight_updates(tiny_model, engine)
     assert engine.latest_stats.weight_version == "0"
 
 
-def test_a_second_swap_while_one_runs_is_409(server, monkeypatch):
-    """The first swap is held inside its checkpoint read; a second one meanwhile gets 409.
-    (The first reads a bad checkpoint, so the served weights stay at version 0.)"""
-    entered, release = threading.Event(), threading.Event()
-    read = engine_weights.read_safetensors_dir
-
-    def slow_read(path):
-        entered.set()
-        assert release.wait(30)
-        return read(path)
-
-    monkeypatch.setattr(engine_weights, "read_safetensors_dir", slow_read)
+def test_a_second_swap_while_one_runs_is_409(server, checkpoints):
+    """The first swap is held inside its checkpoint read (its file is a FIFO that nobody has
+    written yet, as on a stalled filesystem); a second one meanwhile gets 409. The first then
+    reads nothing and is refused, so the served weights stay at version 0."""
+    held = checkpoints[0] / "held"
+    held.mkdir()
+    os.mkfifo(held / "model.safetensors")
     results = {}
-    first = threading.Thread(target=lambda: results.update(first=swap(server.url, "missing")))
+    first = threading.Thread(target=lambda: results.update(first=swap(server.url, "held")))
     first.start()
-    assert entered.wait(30)
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{server.url}/v1/admin/weights", headers=ADMIN).json()["updating"]:
+        assert time.monotonic() < deadline, "the first swap never started"
+        time.sleep(0.02)
     second = swap(server.url, "new")
-    release.set()
+    open(held / "model.safetensors", "wb").close()  # waits for the reader, then lets go
     first.join(60)
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "weight_update_in_progress"
-    assert results["first"].status_code == 400  # "missing" is refused once read
+    assert results["first"].status_code == 400  # "held" is refused once read
     assert served_version(server.url) == "0"
 
 

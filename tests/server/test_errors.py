@@ -246,7 +246,7 @@ def test_health_and_ready_when_the_engine_died(settings, engine):
 def test_a_failing_engine_step_is_a_500_and_the_server_serves_on(tiny_model, stream):
     """A step that raises fails the request(s) it was running, with an OpenAI error body that
     names no internals; the engine stays up and the next request succeeds."""
-    settings = make_settings(tiny_model)
+    settings = make_settings(tiny_model, engine_process=False)  # to reach into the engine
     engine = make_engine(settings)
     runner = engine.engine.runner
     execute = runner.execute

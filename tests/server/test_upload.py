@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.server import upload as upload_module
 from e3rl.server.app import create_app
-from e3rl.server.routes import upload as upload_route
 
 from tests.conftest import hf_greedy
 
@@ -126,8 +125,10 @@ def until(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def test_default_cap_is_the_models_parameter_bytes_plus_slack(server):
-    model = server.app.state.engine.engine.runner.model
+def test_default_cap_is_the_models_parameter_bytes_plus_slack(server, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     num_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert server.app.state.max_upload_bytes == num_bytes + 16 * 1024 * 1024
 
@@ -298,11 +299,11 @@ def test_a_stalled_upload_is_408(server, files, root, monkeypatch):
 
 def test_an_internal_error_leaves_no_file_and_frees_the_lock(server, files, root,
                                                             monkeypatch):
-    def broken(engine, received):
-        assert received.path.exists() and received.num_bytes == len(files["new"])
+    async def broken(path, version):
+        assert path.exists() and path.stat().st_size == len(files["new"])
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(upload_route, "_load", broken)
+    monkeypatch.setattr(server.app.state.engine, "update_weights", broken)
     r = post(server.url, files["new"])
     assert r.status_code == 500 and "disk on fire" not in r.text
     assert leftovers(root) == [] and not server.app.state.weights_lock.locked()
