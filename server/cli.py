@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .settings import DEFAULT_MODEL_NAME, Settings
+from .trajectory_schema import TrajectoryStoreError, check_file
 
 def json_object(text: str) -> dict:
     """An argparse type: a JSON object."""
@@ -106,7 +107,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
         settings.check_model()
-    except (ValidationError, FileNotFoundError) as exc:
+        check_file(settings.store_path)  # a damaged store: refused before the model loads
+    except (ValidationError, FileNotFoundError, TrajectoryStoreError) as exc:
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])

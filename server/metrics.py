@@ -2,7 +2,8 @@
 read from the engine's latest ``EngineStats`` at scrape time.
 
 Names carry the ``e3rl_`` prefix and their unit; counters end in ``_total``; labels are only
-``model``, ``finish_reason``, (for errors) the HTTP ``status`` and (for feedback) ``result``.
+``model``, ``finish_reason``, (for errors) the HTTP ``status``, (for feedback) ``result`` and
+(for failed trajectory writes) ``reason``.
 The erasure rate is ``rate(e3rl_erasures_total[5m]) / rate(e3rl_segments_total[5m])``.
 """
 
@@ -119,14 +120,21 @@ class StoreCollector(Collector):
                  "num_written"),
                 ("e3rl_trajectories_dropped", "Trajectories not stored because the writer's "
                  "queue was full or the store closed.", "num_dropped"),
-                ("e3rl_trajectories_failed", "Trajectories whose write failed (database "
-                 "error or unserialisable record).", "num_failed"),
                 ("e3rl_trajectories_evicted_unacked", "Trajectories deleted by the row cap "
                  "(--store-max-rows) before every consumer had acknowledged them.",
                  "num_evicted_unacked")):
             c = CounterMetricFamily(name, doc, labels=["model"])
             c.add_metric(m, getattr(store, attr, 0) if store is not None else 0)
             yield c
+        # By reason: disk_full (SQLite found no space) or error (any other database error,
+        # or an unserialisable record); both series exist from the start, for alerts.
+        failed = CounterMetricFamily("e3rl_trajectories_failed", "Trajectories whose write "
+                                     "failed, by reason: disk_full or error.",
+                                     labels=["model", "reason"])
+        counts = store.failure_counts() if store is not None else {}
+        for reason in ("disk_full", "error"):
+            failed.add_metric([*m, reason], counts.get(reason, 0))
+        yield failed
         g = GaugeMetricFamily("e3rl_trajectories_queued", "Trajectories waiting for the "
                               "store's writer.", labels=["model"])
         g.add_metric(m, store.queue_size if store is not None else 0)

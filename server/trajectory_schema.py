@@ -63,7 +63,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class TrajectoryStoreError(Exception):
-    """The store file cannot be opened or written (e.g. written by a newer e3rl)."""
+    """The store file cannot be opened or written (e.g. written by a newer e3rl, damaged, or
+    on a full disk: ``is_disk_full``)."""
+
+    def __init__(self, message: str, is_disk_full: bool = False):
+        super().__init__(message)
+        self.is_disk_full = is_disk_full
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of space (``SQLITE_FULL``: the disk, or the file system,
+    returned ENOSPC; also a ``max_page_count`` reached)."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def record_row(record: dict[str, Any]) -> tuple[str, float, int, str | None, str]:
@@ -114,12 +125,80 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the writer says BEGIN/COMMIT itself.
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
                            check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode.lower() != "wal":
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise TrajectoryStoreError(f"{path}: cannot use WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except BaseException:  # e.g. "file is not a database": no connection left open
         conn.close()
-        raise TrajectoryStoreError(f"{path}: cannot use WAL mode (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
+        raise
     return conn
+
+
+def open_file(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
+    """The writer's connection to the store file ``path`` (created when missing), migrated to
+    ``SCHEMA_VERSION``, and its schema version. A file SQLite cannot read (garbage, truncated,
+    damaged schema or first or last rows) raises ``TrajectoryStoreError`` naming the file: it
+    is never replaced by an empty store."""
+    conn = None
+    try:
+        conn = connect(path, synchronous)
+        version = migrate(conn, path)
+        _probe(conn)
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise _refusal(path, exc) from None
+    return conn, version
+
+
+def check_file(path: Path) -> None:
+    """Raise ``TrajectoryStoreError`` (one line naming the file) unless the store file at
+    ``path``, if there is one, can be opened and read by this e3rl; writes nothing (no
+    migration). ``e3rl serve`` calls it before loading the model, to fail fast."""
+    if not path.exists():
+        return
+    conn = None
+    try:
+        # The default journal: opening must not write (the file is in WAL mode already).
+        conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if "schema_version" in tables:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is not None and row[0] > SCHEMA_VERSION:
+                raise _newer(path, row[0])
+        if "trajectories" in tables:
+            _probe(conn)
+    except sqlite3.Error as exc:
+        raise _refusal(path, exc) from None
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """Read the oldest and the newest row whole (``length`` reads a body's overflow pages),
+    so that a damaged file is refused at start rather than at the first pull. Damage deeper
+    in the file shows when a pull reaches it (``PRAGMA integrity_check`` checks it all)."""
+    for order in ("ASC", "DESC"):
+        conn.execute(f"SELECT seq, id, length(body) FROM trajectories ORDER BY seq {order}"
+                     " LIMIT 1").fetchall()
+
+
+def _refusal(path: Path, exc: sqlite3.Error) -> TrajectoryStoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return TrajectoryStoreError(
+            f"{path}: the trajectory store is damaged ({exc}); it is not replaced: move it "
+            "aside (or repair it with sqlite3's .recover) or use another --data-dir")
+    return TrajectoryStoreError(f"{path}: cannot open the trajectory store: {exc}",
+                                is_disk_full=is_disk_full(exc))
+
+
+def _newer(path: Path, version: int) -> TrajectoryStoreError:
+    return TrajectoryStoreError(f"{path}: schema version {version} is newer than this e3rl's "
+                                f"({SCHEMA_VERSION}); upgrade e3rl or use another --data-dir")
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> int:
@@ -133,9 +212,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (0)")
         if version > SCHEMA_VERSION:
-            raise TrajectoryStoreError(
-                f"{path}: schema version {version} is newer than this e3rl's "
-                f"({SCHEMA_VERSION}); upgrade e3rl or use another --data-dir")
+            raise _newer(path, version)
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 conn.execute(statement)

@@ -24,7 +24,10 @@ id was already stored: inserts are idempotent by ``id``); ``None`` not stored by
 (``mode`` "none", or "erasures" and the record has none); ``False`` dropped (queue full or
 store closed; counted in ``num_dropped``, warned about at most every 10 s). A record that
 cannot be written (not JSON-serialisable, or a database error) sets the future's exception
-and counts in ``num_failed``.
+and counts in ``num_failed`` (and in ``num_failed_disk_full`` when SQLite found no space: a full
+disk). Write failures are logged at once, then at most every 10 s while they go on (a full disk
+must not flood the log that shares it), and the first commit after them says that writing
+resumed; the writer keeps trying every batch, so storing resumes as soon as space returns.
 
 Follow loop (schema v3): the file has a ``store_id`` (a UUID made once per file) so a consumer
 can tell that its cursor belongs to another file. ``add_feedback`` attaches a reward or a
@@ -55,8 +58,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .trajectory_retention import acked_cursor, retain
-from .trajectory_schema import (SCHEMA_VERSION, TrajectoryStoreError, connect, migrate,
-                                record_row, with_feedback)
+from .trajectory_schema import (SCHEMA_VERSION, TrajectoryStoreError, connect, is_disk_full,
+                                open_file, record_row, with_feedback)
 
 __all__ = ["TrajectoryStore", "TrajectoryStoreError", "MODES", "SCHEMA_VERSION"]
 
@@ -120,21 +123,30 @@ class TrajectoryStore:
         # Counters (read by metrics; written under _cv).
         self.num_dropped = 0
         self.num_failed = 0
+        self.num_failed_disk_full = 0  # of num_failed: SQLITE_FULL (no space left)
         self.num_written = 0  # records committed (duplicates of stored ids included)
         self.num_transactions = 0
         self.num_retained_deleted = 0
         self.num_evicted_unacked = 0  # deleted by the max_rows cap before every ack
         self._last_drop_warning = -math.inf
         self._dropped_at_warning = 0
+        self._last_failure_log = -math.inf
+        self._last_job_failure_log = -math.inf
+        self._is_failing = False  # the last write failed (a database error)
+        self._num_failing = 0  # records failed since the last failure logged
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = connect(self.path, synchronous)
-        self.schema_version = migrate(self._conn, self.path)
+        # A damaged file raises TrajectoryStoreError naming it; never replaced by an empty one.
+        self._conn, self.schema_version = open_file(self.path, synchronous)
         self.store_id: str = self._conn.execute(
             "SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         # The smallest acknowledged cursor (None: no consumer), refreshed after every ack.
         self.acked_cursor: int | None = acked_cursor(self._conn)
-        self._reader = connect(self.path, synchronous)
+        try:
+            self._reader = connect(self.path, synchronous)
+        except BaseException:
+            self._conn.close()
+            raise
         self._reader.execute("PRAGMA query_only = ON")
         self._reader_lock = threading.Lock()
 
@@ -266,6 +278,13 @@ class TrajectoryStore:
                                 (consumer,)).fetchone()[0]
 
         return self.run_in_writer(job)
+
+    def failure_counts(self) -> dict[str, int]:
+        """Records that could not be written, by reason: ``disk_full`` (no space left) and
+        ``error`` (the rest), read together so that neither ever seems to go down."""
+        with self._cv:
+            return {"disk_full": self.num_failed_disk_full,
+                    "error": self.num_failed - self.num_failed_disk_full}
 
     @property
     def queue_size(self) -> int:
@@ -481,17 +500,23 @@ class TrajectoryStore:
                 " weight_version, body) VALUES (?, ?, ?, ?, ?)", rows)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            logger.error("trajectory store: writing %d record(s) failed: %s", len(rows), exc)
-            self._count_failed(len(rows))
-            error = TrajectoryStoreError(f"writing the trajectory failed: {exc}")
+            self._rollback()
+            error = TrajectoryStoreError(f"writing the trajectory failed: {exc}",
+                                         is_disk_full=is_disk_full(exc))
+            self._count_failed(len(rows), error)
             for future in futures:
                 _resolve_exception(future, error)
             return
         with self._cv:
             self.num_written += len(rows)
             self.num_transactions += 1
+            was_failing, self._is_failing = self._is_failing, False
+            num_unlogged, self._num_failing = self._num_failing, 0
+            self._last_failure_log = -math.inf  # the next failure is logged at once
+        if was_failing:
+            logger.warning("trajectory store %s: writing again (%d more record(s) not stored "
+                           "since the last message; %d in total)", self.path, num_unlogged,
+                           self.num_failed)
         for future in futures:
             _resolve(future, True)
 
@@ -505,19 +530,25 @@ class TrajectoryStore:
                 try:
                     outcomes.append((future, True, job(self._conn)))
                 except Exception as exc:  # the job's own error, for its caller alone
+                    if not self._conn.in_transaction:  # SQLite rolled it all back (SQLITE_FULL)
+                        raise
                     self._conn.execute("ROLLBACK TO job")
                     if isinstance(exc, sqlite3.Error):
-                        exc = TrajectoryStoreError(f"the store could not write it: {exc}")
+                        exc = TrajectoryStoreError(f"the store could not write it: {exc}",
+                                                   is_disk_full=is_disk_full(exc))
                     outcomes.append((future, False, exc))
                 self._conn.execute("RELEASE job")
             self._conn.execute("COMMIT")
             acked = acked_cursor(self._conn)
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            logger.error("trajectory store: a transaction of %d job(s) failed: %s", len(jobs),
-                         exc)
-            error = TrajectoryStoreError(f"the store could not write it: {exc}")
+            self._rollback()
+            now = time.monotonic()  # logged at most once per interval, like record failures
+            if now - self._last_job_failure_log >= _DROP_WARNING_INTERVAL_S:
+                self._last_job_failure_log = now
+                logger.error("trajectory store: a transaction of %d job(s) (feedback, acks) "
+                             "failed: %s", len(jobs), exc)
+            error = TrajectoryStoreError(f"the store could not write it: {exc}",
+                                         is_disk_full=is_disk_full(exc))
             for _, future in jobs:
                 _resolve_exception(future, error)
             return
@@ -551,8 +582,7 @@ class TrajectoryStore:
                             now=time.time())
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._rollback()
             logger.error("trajectory store: retention failed: %s", exc)
             for future in waiters:
                 _resolve_exception(future, TrajectoryStoreError(f"retention failed: {exc}"))
@@ -583,9 +613,34 @@ class TrajectoryStore:
                            reason, self.max_queue, self.num_dropped)
             self._last_drop_warning, self._dropped_at_warning = now, self.num_dropped
 
-    def _count_failed(self, num: int) -> None:
+    def _count_failed(self, num: int, error: TrajectoryStoreError | None = None) -> None:
+        """Count records that could not be written; log ``error`` at once after a success,
+        then at most once per interval with the records failed meanwhile."""
         with self._cv:
             self.num_failed += num
+            if error is not None and error.is_disk_full:
+                self.num_failed_disk_full += num
+            if error is None:
+                return
+            self._is_failing = True
+            self._num_failing += num
+            now = time.monotonic()
+            if now - self._last_failure_log < _DROP_WARNING_INTERVAL_S:
+                return
+            self._last_failure_log, num_failing, self._num_failing = now, self._num_failing, 0
+        logger.error("trajectory store %s: %d record(s) not stored: %s (%d failed in total%s; "
+                     "retrying with every new record, next message in %.0f s at the earliest)",
+                     self.path, num_failing, error, self.num_failed,
+                     ", disk full" if error.is_disk_full else "", _DROP_WARNING_INTERVAL_S)
+
+    def _rollback(self) -> None:
+        """Roll back a failed transaction; a rollback that fails too (the file is gone) is
+        logged, never allowed to kill the writer thread."""
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            logger.error("trajectory store: rollback failed: %s", exc)
 
 
 def _newest_seq(conn: sqlite3.Connection) -> int:

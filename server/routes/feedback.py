@@ -12,7 +12,8 @@ Answers: 200 ``{"object": "feedback", "id", "index", "trajectory_id", "reward",
 "reference"}`` once committed; 400 for a bad body, naming the field in ``param``; 404
 ``trajectory_not_found`` when no stored trajectory has that choice (unknown id, or its
 trajectory was not stored: ``--store erasures``, retention); 404 ``store_disabled`` when the
-server has no store. Each request that passed authentication counts once in
+server has no store; 507 ``store_full`` when the store's disk is full (retry later). Each
+request that passed authentication counts once in
 ``e3rl_feedback_total{result="stored"|"not_found"|"invalid"}``.
 
 Limitation: a completion with ``best_of > n`` returns the ``n`` most likely of ``best_of``
@@ -33,6 +34,7 @@ from ..auth import require_api_key
 from ..deps import get_metrics, get_store
 from ..errors import APIError, invalid, validation_error
 from ..metrics import Metrics
+from ..protocol import ErrorResponse
 from ..trajectory_store import TrajectoryStore, TrajectoryStoreError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -82,7 +84,9 @@ _OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": FeedbackRequest.model_json_schema()}}}}
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, openapi_extra=_OPENAPI)
+@router.post("/v1/feedback", response_model=FeedbackResponse, openapi_extra=_OPENAPI,
+             responses={507: {"model": ErrorResponse, "description": "the store's disk is "
+                              "full"}})
 async def post_feedback(request: Request, store: TrajectoryStore | None = Depends(get_store),
                         metrics: Metrics = Depends(get_metrics)) -> FeedbackResponse:
     try:
@@ -99,6 +103,9 @@ async def post_feedback(request: Request, store: TrajectoryStore | None = Depend
         is_stored = trajectory_id is not None and await asyncio.wrap_future(
             store.add_feedback(trajectory_id, reward=req.reward, reference=req.reference))
     except TrajectoryStoreError as exc:
+        if exc.is_disk_full:  # the operator's problem, and a retry can succeed later
+            raise APIError(507, "the feedback could not be stored: the server's disk is full",
+                           "server_error", code="store_full") from None
         raise APIError(500, f"the feedback could not be stored: {exc}", "internal_error",
                        code="store_error") from None
     if not is_stored:  # never stored, or deleted by retention since it was resolved
