@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      StrictStr)
+                      StrictStr, field_validator)
 
 from e3rl.engine import InvalidRequest, SamplingParams
 from e3rl.engine.healer import HealingParams
@@ -19,6 +19,9 @@ from e3rl.engine.healer import HealingParams
 from .healing_defaults import HealingDefaults
 
 MAX_LOGPROBS = 20  # the engine's limit on top-N log-probs
+# Prompts in one completion request. Each is tokenized and validated before any runs, so a
+# body of a million one-character prompts (4 MiB) would hold the event loop for minutes.
+MAX_PROMPTS = 1024
 
 TokenIds = list[StrictInt]
 # A string, a batch of strings, token ids, or a batch of token-id lists (OpenAI's four forms).
@@ -123,6 +126,14 @@ class CompletionRequest(SamplingFields):
     best_of: StrictInt | None = Field(None, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _at_most_max_prompts(cls, prompt: Prompt) -> Prompt:
+        is_batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        if is_batch and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request (got {len(prompt)})")
+        return prompt
 
 
 class TextPart(_Strict):

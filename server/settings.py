@@ -6,6 +6,7 @@ environment (``E3RL_MAX_NUM_SEQS=32``); the command line wins.
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 from typing import Literal
@@ -158,7 +159,8 @@ class Settings(BaseSettings):
         # The admin key can swap the weights and read every stored prompt: a client that
         # holds the API key must not hold it too.
         if (self.admin_key is not None and self.api_key is not None
-                and self.admin_key.get_secret_value() == self.api_key.get_secret_value()):
+                and hmac.compare_digest(self.admin_key.get_secret_value().encode(),
+                                        self.api_key.get_secret_value().encode())):
             raise ValueError("admin_key must differ from api_key")
         return self
 
