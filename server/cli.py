@@ -98,6 +98,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     from . import runner
     from .app import create_app
+    from .upload import remove_stale_uploads
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in SERVE_FLAGS}
     given["metrics_require_auth"] = args.metrics_require_auth
@@ -122,6 +123,8 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.checkpoint_dir is not None and settings.checkpoint_dir.is_dir():
+        remove_stale_uploads(settings.checkpoint_dir)  # left by a server killed mid-upload
     runner.run_app(create_app(settings), settings)  # returns once SIGTERM has drained it
     return 0
 

@@ -5,11 +5,18 @@ A refused body (over the cap, or refused before it was read) is drained, bounded
 time, *before* the error is sent: once a response is complete the server closes the
 connection, and closing a socket with unread data makes the kernel send a reset that can
 destroy the error before the client reads it (the reason ``app.BodySizeLimit`` drains too).
+
+A server killed mid-upload (SIGKILL, out of memory) cannot remove its temporary file. Every
+upload holds an exclusive ``flock`` on its file until the file is removed, and the kernel
+releases it when the process dies, however it dies; so a temporary file that nobody locks is
+a dead upload's, and ``remove_stale_uploads`` deletes it (at ``e3rl serve``'s start and before
+every upload), even in a checkpoint directory that several servers share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import tempfile
@@ -36,6 +43,10 @@ STALL_TIMEOUT_S = 60.0
 # Draining a refused body stops after this many bytes or seconds.
 _DRAIN_MAX_BYTES = 64 * 1024 * 1024
 _DRAIN_MAX_S = 5.0
+# A temporary upload file's name; one unlocked and older than this is a dead upload's (the age
+# covers the moment between creating a file and locking it).
+_TEMP_PREFIX, _TEMP_SUFFIX = ".upload-", ".safetensors.partial"
+_STALE_MIN_AGE_S = 2.0
 
 
 def default_max_upload_bytes(num_checkpoint_bytes: int) -> int:
@@ -70,12 +81,13 @@ async def receive_to_temp_file(request: Request, directory: Path,
         await drain_unread(request)
         raise _too_large(max_bytes)
     t0 = time.monotonic()
+    await asyncio.to_thread(remove_stale_uploads, directory)
     try:
-        fd, name = tempfile.mkstemp(prefix=".upload-", suffix=".safetensors.partial",
-                                    dir=directory)
+        fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
     except OSError as exc:
         raise _storage_failed(directory, exc) from None
     path = Path(name)
+    lock_fd = _lock(path)  # held until the file is removed (see the module docstring)
     try:
         try:
             with os.fdopen(fd, "wb") as file:
@@ -86,6 +98,49 @@ async def receive_to_temp_file(request: Request, directory: Path,
         yield Upload(path, num_bytes, time.monotonic() - t0)
     finally:
         path.unlink(missing_ok=True)
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` through a descriptor of its own (the writing one is
+    closed before the file is read); None where the file system has no locks."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_uploads(directory: Path) -> int:
+    """Delete the temporary files that dead uploads left in ``directory`` (unlocked, and not
+    just created), logging each; return how many. A file locked by a live upload, of this
+    process or another, is left alone, as is everything that is not a temporary upload."""
+    num_removed = 0
+    for path in Path(directory).glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+        try:
+            if time.time() - path.stat().st_mtime < _STALE_MIN_AGE_S:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or unreadable: not ours to judge
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            num_bytes = os.fstat(fd).st_size
+            path.unlink(missing_ok=True)
+        except OSError:  # locked by a live upload (or no locks here): leave it
+            continue
+        finally:
+            os.close(fd)
+        num_removed += 1
+        logger.warning("removed %s (%d bytes): the temporary file of an upload whose server "
+                       "died before it finished", path, num_bytes)
+    return num_removed
 
 
 async def _copy_body(request: Request, file: BinaryIO, max_bytes: int) -> int:
