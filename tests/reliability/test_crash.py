@@ -20,6 +20,7 @@ import time
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from e3rl.engine.model_factory import build_tiny_model
 from e3rl.server.settings import STORE_FILE_NAME
@@ -58,6 +59,13 @@ def push(url: str, data: bytes, version: str) -> None:
     assert r.status_code == 200, r.text
 
 
+def commit_timeouts(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    [value] = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "e3rl_trajectory_commit_timeouts_total"]
+    return value
+
+
 def partial_uploads(checkpoint_dir) -> list[str]:
     return [p.name for p in checkpoint_dir.iterdir() if p.name.startswith(".upload-")]
 
@@ -82,6 +90,9 @@ def test_sigkill_during_a_weight_upload_under_load(tiny_model, tmp_path):
         assert remove_stale_uploads(checkpoint_dir) == 0
         load.wait_for(len(load.completed) + NUM_DURING_UPLOAD)
         assert weights(url)["version"] == "1" and greedy(url) == new_text
+        # What README promises is for responses released after their commit (--store-wait-s
+        # bounds the wait; a timeout is counted): none timed out here.
+        assert commit_timeouts(url) == 0
         processes = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(True))]
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
