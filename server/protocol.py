@@ -22,6 +22,9 @@ MAX_LOGPROBS = 20  # the engine's limit on top-N log-probs
 # Prompts in one completion request. Each is tokenized and validated before any runs, so a
 # body of a million one-character prompts (4 MiB) would hold the event loop for minutes.
 MAX_PROMPTS = 1024
+# Stop conditions of one request: the engine tests every one of them after every token, so a
+# body of 100,000 of them would slow every running request, not just this one.
+MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS = 64, 1024
 
 TokenIds = list[StrictInt]
 # A string, a batch of strings, token ids, or a batch of token-id lists (OpenAI's four forms).
@@ -71,6 +74,20 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     healing: HealingOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_max_stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
+        return stop
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _at_most_max_stop_token_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids (got {len(ids)})")
+        return ids
 
     def check_supported(self, max_n: int) -> None:
         """Refuse, naming the field, what the engine does not implement (yet)."""

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from e3rl.server import auth, cli, runner
 from e3rl.server.app import create_app
-from e3rl.server.protocol import MAX_PROMPTS
+from e3rl.server.protocol import MAX_PROMPTS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from e3rl.server.routes import admin, trajectories, upload
 from e3rl.server.settings import Settings
 
@@ -216,6 +216,10 @@ def _caps(context: int) -> list[tuple]:
          {**CHAT, "messages": [{"role": "user", "content": "a " * context}]}, 400, "prompt"),
         ("prompts over MAX_PROMPTS", "/v1/completions",
          {**SHORT, "prompt": ["a"] * (MAX_PROMPTS + 1)}, 400, "prompt"),
+        ("stop strings over MAX_STOP_STRINGS", "/v1/chat/completions",
+         {**CHAT, "stop": ["x"] * (MAX_STOP_STRINGS + 1)}, 400, "stop"),
+        ("stop token ids over MAX_STOP_TOKEN_IDS", "/v1/completions",
+         {**SHORT, "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, 400, "stop_token_ids"),
         ("n over --max-n", "/v1/completions", {**SHORT, "n": MAX_N + 1}, 400, "n"),
         ("chat n over --max-n", "/v1/chat/completions", {**CHAT, "n": MAX_N + 1}, 400, "n"),
         ("best_of over --max-n", "/v1/completions", {**SHORT, "best_of": MAX_N + 1}, 400,
