@@ -64,10 +64,17 @@ class LoadMonitor:
         self.pids = [os.getpid(), *pids]
 
     def _ours(self) -> float:
+        """CPU seconds of this process, of ``pids`` and of their children (a server's
+        engine-core process)."""
         total = 0.0
         for pid in self.pids:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            try:
+                proc = psutil.Process(pid)
+                for p in [proc, *proc.children(recursive=True)]:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
         return total
 
     @staticmethod

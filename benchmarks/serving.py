@@ -1,15 +1,17 @@
 """Serving benchmark: a bounded load generator over loopback against ``e3rl serve``, next to
-the offline engine on the same workload in the same run.
+the engine without HTTP on the same workload in the same run.
 
-A fixed number of requests (default 64) is sent by ``--concurrency`` (default 32) streaming
-clients; each request is greedy with a fixed prompt (token ids) and output length, so every
-run computes exactly the same tokens. Printed: output throughput of the server, of the same
-closed loop run straight on ``AsyncEngine`` (no HTTP), and of the offline engine (all requests
-at once), with the same model, dtype, threads and batch limit; the server's overhead; and the
-time-to-first-token / inter-token latency / end-to-end percentiles seen by the clients.
+For each ``--concurrency`` (default 32 and 64), ``2 x concurrency`` requests are sent by that
+many streaming clients; each request is greedy with a fixed prompt (token ids) and output
+length, so every run computes exactly the same tokens. Measured, in this order: the server
+with its engine in a process of its own (the default), the server with the engine loop on a
+thread (``--no-engine-process``), the same closed loop straight on ``AsyncEngine`` (no HTTP:
+the engine's own TTFT under the same arrivals), and the offline engine (all requests at once);
+same model, dtype, threads and batch limit. Printed per concurrency: output tok/s and the
+ratio to offline, TTFT / inter-token percentiles, whether greedy texts match offline.
 
     .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
-        [--num-requests 64] [--concurrency 32] [--num-threads N]
+        [--concurrency 32,64] [--num-threads N] [--out FILE.json]
 
 Without ``--model`` it uses the ~100M Qwen3-shaped random model of ``throughput.py``.
 """
@@ -53,13 +55,14 @@ def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[int, float]:
             for q in qs}
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, concurrency: int, engine_process: bool) -> tuple[subprocess.Popen, str]:
     return launch_server(["--model", str(args.model), "--dtype", args.dtype,
-                          "--max-num-seqs", str(args.concurrency),
+                          "--max-num-seqs", str(concurrency),
                           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                           "--kv-cache-memory-gb", str(args.kv_cache_memory_gb),
                           "--no-access-log", "--log-level", "warning",
-                          "--num-threads", str(args.num_threads)])
+                          "--num-threads", str(args.num_threads),
+                          "--engine-process" if engine_process else "--no-engine-process"])
 
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
@@ -112,22 +115,28 @@ async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
     return wall, results  # type: ignore[return-value]
 
 
-def run_async_engine(args, prompts, output_lens) -> float:
+def run_async_engine(args, prompts, output_lens, concurrency) -> tuple[float, list[float]]:
     """The same closed loop straight on ``AsyncEngine`` (no HTTP): separates the cost of the
     HTTP front end from that of the engine thread and the closed-loop arrivals."""
     from e3rl.engine import EngineConfig
     from e3rl.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(EngineConfig(
-        model=str(args.model), dtype=args.dtype, max_num_seqs=args.concurrency,
+        model=str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads))
     engine.start()
 
+    ttfts: list[float] = []
+
     async def one(i: int, prompt: list[int], max_tokens: int) -> None:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t0, first = time.perf_counter(), None
         async for _ in engine.generate(f"r{i}", prompt, params):
-            pass
+            if first is None:
+                first = time.perf_counter() - t0
+        if i >= 0:
+            ttfts.append(first)
 
     async def main() -> float:
         await one(-1, prompts[0][:16], 4)  # warm-up
@@ -139,17 +148,17 @@ def run_async_engine(args, prompts, output_lens) -> float:
                 await one(i, prompts[i], output_lens[i])
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - t0
 
     try:
-        return asyncio.run(main())
+        return asyncio.run(main()), ttfts
     finally:
         engine.shutdown()
 
 
-def run_offline(args, prompts, output_lens) -> tuple[float, list[str]]:
-    llm = LLM(str(args.model), dtype=args.dtype, max_num_seqs=args.concurrency,
+def run_offline(args, prompts, output_lens, concurrency) -> tuple[float, list[str]]:
+    llm = LLM(str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
               max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads)
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
@@ -160,61 +169,101 @@ def run_offline(args, prompts, output_lens) -> tuple[float, list[str]]:
     return wall, [o.outputs[0].text for o in outs]
 
 
+def run_server(args, work, concurrency: int, engine_process: bool) -> dict:
+    server, url = start_server(args, concurrency, engine_process)
+    try:
+        with LoadMonitor(server.pid) as load:
+            wall, stats = asyncio.run(run_load(url, work.prompts, work.output_lens,
+                                               concurrency))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    assert sum(s.num_tokens for s in stats) == work.num_output_tokens, "token counts differ"
+    return {"wall_s": wall, "ttft_s": [s.ttft_s for s in stats],
+            "itl_s": [x for s in stats for x in s.itl_s], "texts": [s.text for s in stats],
+            "other_load": load.other_share, "note": load.note()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="model dir (default: 100M bench)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", default="32,64",
+                   help="comma-separated; each runs 2 x concurrency requests")
     p.add_argument("--num-threads", type=int, default=psutil.cpu_count(),
                    help="torch threads, the same for the server and the offline engine")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
     p.add_argument("--prompt-range", default="16,512")
     p.add_argument("--output-range", default="16,256")
-    p.add_argument("--skip-offline", action="store_true", help="measure the server only")
+    p.add_argument("--systems", default="process,thread,engine,offline",
+                   help="any of: process (server, engine process), thread (server, "
+                   "--no-engine-process), engine (AsyncEngine closed loop), offline")
+    p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args()
     if args.model is None:
         args.model = bench_model()
-    work = model_workload(args.model, args.num_requests, args.prompt_range, args.output_range)
-    total_tokens = work.num_output_tokens
-    print(f"model {args.model} ({args.dtype}), {args.num_requests} requests, concurrency "
-          f"{args.concurrency}, {total_tokens} output tokens, {args.num_threads} torch "
-          f"threads, {psutil.cpu_count()} cores")
-
-    server, url = start_server(args)
-    try:
-        with LoadMonitor(server.pid) as server_load:
-            wall, stats = asyncio.run(run_load(url, work.prompts, work.output_lens,
-                                               args.concurrency))
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.communicate(timeout=60)
-    assert sum(s.num_tokens for s in stats) == total_tokens, "token counts differ"
-    served = total_tokens / wall
-    print(f"\nserver  : {served:7.1f} output tok/s  ({wall:.1f} s)  {server_load.note()}")
-    if not args.skip_offline:
-        with LoadMonitor() as async_load:
-            async_wall = run_async_engine(args, work.prompts, work.output_lens)
-        print(f"engine  : {total_tokens / async_wall:7.1f} output tok/s  ({async_wall:.1f} s)  "
-              f"{async_load.note()}  (AsyncEngine, same closed loop, no HTTP)")
-        with LoadMonitor() as offline_load:
-            offline_wall, offline_texts = run_offline(args, work.prompts, work.output_lens)
-        same = sum(s.text == t for s, t in zip(stats, offline_texts))
-        offline = total_tokens / offline_wall
-        print(f"offline : {offline:7.1f} output tok/s  ({offline_wall:.1f} s)  "
-              f"{offline_load.note()}  (LLM.generate, all requests at once)")
-        print(f"server overhead: {100 * (offline / served - 1):+.1f}% wall time vs offline "
-              f"(server = {served / offline:.3f} x offline), HTTP alone "
-              f"{100 * (wall / async_wall - 1):+.1f}% vs the AsyncEngine loop")
-        print(f"greedy texts identical to offline: {same}/{len(stats)}")
-    rows = [("TTFT", [s.ttft_s for s in stats]),
-            ("ITL", [x for s in stats for x in s.itl_s]),
-            ("E2E", [s.e2e_s for s in stats])]
-    print("\nlatency (ms)      p50      p90      p99")
-    for name, values in rows:
-        q = percentiles(values)
-        print(f"{name:<12} {1e3 * q[50]:8.1f} {1e3 * q[90]:8.1f} {1e3 * q[99]:8.1f}")
+    systems = args.systems.split(",")
+    results = []
+    for concurrency in map(int, args.concurrency.split(",")):
+        work = model_workload(args.model, 2 * concurrency, args.prompt_range,
+                              args.output_range)
+        total = work.num_output_tokens
+        print(f"\n== concurrency {concurrency}: {2 * concurrency} requests, {total} output "
+              f"tokens, model {args.model.name} ({args.dtype}), {args.num_threads} torch "
+              f"threads, {psutil.cpu_count()} cores")
+        runs: dict[str, dict] = {}
+        for name, engine_process in (("process", True), ("thread", False)):
+            if name in systems:
+                runs[name] = run_server(args, work, concurrency, engine_process)
+        if "engine" in systems:
+            with LoadMonitor() as load:
+                wall, ttfts = run_async_engine(args, work.prompts, work.output_lens,
+                                               concurrency)
+            runs["engine"] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
+                              "other_load": load.other_share, "note": load.note()}
+        if "offline" in systems:
+            with LoadMonitor() as load:
+                wall, texts = run_offline(args, work.prompts, work.output_lens, concurrency)
+            runs["offline"] = {"wall_s": wall, "ttft_s": [], "itl_s": [], "texts": texts,
+                               "other_load": load.other_share, "note": load.note()}
+        offline = runs.get("offline")
+        labels = {"process": "server, engine process", "thread": "server, engine thread",
+                  "engine": "AsyncEngine loop, no HTTP", "offline": "offline LLM.generate"}
+        print(f"{'system':<27} {'tok/s':>7} {'x offline':>9} {'TTFT p50':>9} {'p90':>7} "
+              f"{'ITL p50':>8} {'p99':>6}  load")
+        for run in runs.values():
+            run["tok_s"] = total / run["wall_s"]
+        for name, run in runs.items():
+            ratio = run["tok_s"] / offline["tok_s"] if offline else float("nan")
+            ttft, itl = percentiles(run["ttft_s"]), percentiles(run["itl_s"])
+            run.update(ttft_p50_ms=1e3 * ttft[50], ttft_p90_ms=1e3 * ttft[90],
+                       itl_p50_ms=1e3 * itl[50], itl_p99_ms=1e3 * itl[99], x_offline=ratio)
+            print(f"{labels[name]:<27} {run['tok_s']:7.1f} {ratio:9.3f} {1e3 * ttft[50]:9.0f} "
+                  f"{1e3 * ttft[90]:7.0f} {1e3 * itl[50]:8.1f} {1e3 * itl[99]:6.0f}  "
+                  f"{run['note']}")
+        if "engine" in runs:
+            for name in ("process", "thread"):
+                if name in runs:
+                    print(f"TTFT p50 {labels[name]} / AsyncEngine loop: "
+                          f"{runs[name]['ttft_p50_ms'] / runs['engine']['ttft_p50_ms']:.3f}")
+        if offline:
+            for name in ("process", "thread"):
+                if name in runs:
+                    same = sum(a == b for a, b in zip(runs[name]["texts"], offline["texts"]))
+                    print(f"greedy texts of {labels[name]} identical to offline: "
+                          f"{same}/{len(offline['texts'])}")
+        for run in runs.values():
+            run.pop("texts", None)
+            run.pop("ttft_s"), run.pop("itl_s")
+        results.append({"concurrency": concurrency, "num_requests": 2 * concurrency,
+                        "num_output_tokens": total, "runs": runs})
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(args.model), "dtype": args.dtype,
+                                        "num_threads": args.num_threads,
+                                        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                        "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class EngineClient(ABC):
         text = prompt if isinstance(prompt, str) else None
         finished = False
         try:
+            if self.error is not None:  # died since the check: _fail_all may have missed it
+                raise EngineDead("the engine is not running")
             self._submit(request_id, text, ids, params)
             while True:
                 item = await stream.get()

@@ -63,13 +63,14 @@ class EngineCoreClient(EngineClient):
                 _wait(self._proc, 5)
             self._close()
             raise
-        super().__init__(config, ready.limits, ready.stats, ready.num_checkpoint_bytes)
         self._send_lock = threading.Lock()
         self._calls: dict[int, Future] = {}
         self._next_call_id = 0
         self._num_taken_in = 0
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._death_lock = threading.Lock()
+        super().__init__(config, ready.limits, ready.stats, ready.num_checkpoint_bytes)
 
     @property
     def pid(self) -> int | None:
@@ -125,9 +126,20 @@ class EngineCoreClient(EngineClient):
         return self._proc.poll() is None
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the engine is down (``EngineDead``), or None. Checks the process itself, so
+        a core killed a moment ago is reported here before the receiver thread notices."""
+        if self._error is None and not self._closing.is_set() and not self._alive():
+            self._died(f"the engine-core process exited (exit code {self._proc.returncode})")
+        return self._error
+
+    @error.setter
+    def error(self, value: BaseException | None) -> None:
+        self._error = value
+
+    @property
     def is_alive(self) -> bool:
-        return (self._thread is not None and self._thread.is_alive() and self.error is None
-                and self._alive())
+        return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # -- requests and calls --------------------------------------------------------------
     def _send(self, command: Command) -> None:
@@ -151,6 +163,9 @@ class EngineCoreClient(EngineClient):
             call_id = self._next_call_id
             self._next_call_id += 1
         self._calls[call_id] = future
+        if self.error is not None:  # died since the check: _died may have missed this call
+            self._calls.pop(call_id, None)
+            raise EngineDead(str(self.error))
         self._send(UpdateWeights(call_id, str(path), version))
         result: CallResult = await asyncio.wrap_future(future)
         if result.error is not None:
@@ -191,8 +206,11 @@ class EngineCoreClient(EngineClient):
             self._died(event.message)
 
     def _died(self, message: str) -> None:
+        with self._death_lock:  # the receiver thread and a health check may both see it
+            if self._error is not None:
+                return
+            self._error = dead = EngineDead(message)
         logger.error("engine core down: %s", message)
-        self.error = dead = EngineDead(message)
         self._fail_all(dead)
         for call_id in list(self._calls):
             future = self._calls.pop(call_id)
