@@ -18,9 +18,9 @@ from e3rl.engine import LLM, EngineConfig, SamplingParams, WeightUpdateError
 from e3rl.engine.core_client import EngineCoreClient
 from e3rl.engine.errors import EngineDead, EngineStartError, InvalidRequest
 from e3rl.engine.model_factory import build_tiny_model
-from e3rl.engine.outputs import merge_delta
 
 from tests.conftest import hf_greedy
+from tests.engine.test_async_engine import _collect
 
 CONFIG = dict(dtype="float32", num_kv_blocks=48, block_size=4, max_waiting=8, num_threads=1)
 
@@ -31,16 +31,6 @@ def core(tiny_model):
     client.start()
     yield client
     client.shutdown()
-
-
-async def _collect(client, request_id, prompt, params, stop_after=None):
-    acc, stream = None, client.generate(request_id, prompt, params)
-    async for delta in stream:
-        acc = merge_delta(acc, delta)
-        if stop_after is not None and len(acc.outputs[0].token_ids) >= stop_after:
-            await stream.aclose()
-            break
-    return acc
 
 
 def _until(condition, timeout_s=30.0):
