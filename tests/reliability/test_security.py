@@ -289,7 +289,7 @@ ESCAPES = [("dotdot", "../outside", "must not contain '..'"),
 
 @pytest.mark.parametrize("path, says", [e[1:] for e in ESCAPES], ids=[e[0] for e in ESCAPES])
 def test_checkpoint_paths_stay_inside_the_checkpoint_dir(confined, engine, path, says):
-    client, root, outside = confined
+    client, _, outside = confined
     if path == "OUTSIDE":
         path = str(outside)
     r = client.post("/v1/admin/weights", json={"path": path, "version": "9"}, headers=ADMIN)
