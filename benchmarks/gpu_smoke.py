@@ -27,7 +27,8 @@ def main() -> int:
         for blocks in (128, 16):
             llm = LLM(path, device="cuda", num_kv_blocks=blocks, block_size=4)
             outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).cuda()
+            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                      use_safetensors=True).cuda()
             hf.generation_config.eos_token_id = None
             same = 0
             for p, o in zip(prompts, outs):

@@ -142,8 +142,8 @@ def trl_worker(args: argparse.Namespace) -> None:
 
     config = trl_config(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True,
+                                                 dtype=torch.float32, local_files_only=True)
     trainer = TimedGRPOTrainer(model=model, reward_funcs=arith_reward, args=config,
                                train_dataset=dataset, processing_class=tokenizer,
                                callbacks=[StepTimer()])

@@ -51,7 +51,8 @@ def run_engine(llm, work):
 def load_hf(path, dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                 use_safetensors=True, dtype=DTYPES[dtype],
                                                  attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +51,7 @@ class EngineCore:
         self._errors: list[RequestError] = []  # sent with the next StepOutputs
         self._deltas: list[RequestOutput] = []  # of aborts, likewise
         self._stop = False
+        self.orphaned = False  # stopped because the front end is gone
 
     def send(self, event: Event) -> None:
         self.events.send(self._encoder.encode(event), copy=False)
@@ -73,6 +75,7 @@ class EngineCore:
                     self._errors = []
                 if not busy and not changed and not self._parent_alive():
                     logger.warning("the front end is gone; the engine core exits")
+                    self.orphaned = True
                     break
         except BaseException as exc:
             logger.exception("engine loop crashed")
@@ -143,9 +146,9 @@ class EngineCore:
 
 
 def run_engine_core(config: EngineConfig, commands_addr: str, events_addr: str,
-                    parent_pid: int | None) -> None:
+                    parent_pid: int | None) -> bool:
     """Start the engine, say ``Ready`` (or ``StartupFailed``), run the loop until told to stop.
-    """
+    Returns True when it stopped because its front end is gone."""
     context = zmq.Context()
     commands = context.socket(zmq.PULL)
     commands.connect(commands_addr)
@@ -161,12 +164,14 @@ def run_engine_core(config: EngineConfig, commands_addr: str, events_addr: str,
         raise SystemExit(1) from None
     events.send(encoder.encode(Ready(engine.limits, engine.stats(),
                                      weights.num_checkpoint_bytes(engine.runner.model))))
+    core = EngineCore(engine, commands, events, parent_pid)
     try:
-        EngineCore(engine, commands, events, parent_pid).run()
+        core.run()
     finally:
         events.close(linger=2000)
         commands.close(linger=0)
         context.term()
+    return core.orphaned
 
 
 def main() -> None:
@@ -186,7 +191,10 @@ def main() -> None:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
     config = msgspec.msgpack.decode(Path(args.config).read_bytes(), type=EngineConfig)
-    run_engine_core(config, args.commands, args.events, args.parent_pid)
+    if run_engine_core(config, args.commands, args.events, args.parent_pid):
+        # A front end that was killed could not remove its private directory (the sockets
+        # and this config): the last one out does.
+        shutil.rmtree(Path(args.config).parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def _load_model(config: SftConfig, scratch: Path) -> tuple[PreTrainedModel, obje
                                     tokenizer=build_arith_tokenizer())
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
-                                                 dtype=torch.float32)
+                                                 use_safetensors=True, dtype=torch.float32)
     return model, tokenizer
 
 

@@ -335,7 +335,7 @@ def _load(source: str, dtype: str, device: torch.device):
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
-                                                 dtype=getattr(torch, dtype))
+                                                 use_safetensors=True, dtype=getattr(torch, dtype))
     return tokenizer, model.to(device)
 
 

@@ -140,6 +140,7 @@ def test_a_core_that_cannot_start_says_why(tmp_path):
 
 
 def test_the_core_exits_when_its_front_end_is_killed(tiny_model, tmp_path):
+    (tmp_path / "sockets").mkdir()
     script = (f"import sys, time\n"
               f"from e3rl.engine import EngineConfig\n"
               f"from e3rl.engine.core_client import EngineCoreClient\n"
@@ -147,15 +148,18 @@ def test_the_core_exits_when_its_front_end_is_killed(tiny_model, tmp_path):
               f"print(c.pid, flush=True)\n"
               f"time.sleep(600)\n")
     front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                             text=True, cwd=tmp_path)
+                             text=True, cwd=tmp_path,
+                             env={**os.environ, "TMPDIR": str(tmp_path / "sockets")})
     try:
         core_pid = int(front.stdout.readline())
+        assert len(list((tmp_path / "sockets").iterdir())) == 1
         front.kill()
         front.wait(10)
         deadline = time.monotonic() + 10
         while _exists(core_pid):
             assert time.monotonic() < deadline, "the orphaned engine core is still running"
             time.sleep(0.05)
+        assert list((tmp_path / "sockets").iterdir()) == []  # it removed its sockets, config
     finally:
         front.kill()
 
