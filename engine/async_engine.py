@@ -53,6 +53,7 @@ class AsyncEngine(EngineClient):
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._tokenizer_thread.shutdown(wait=False)
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout_s)

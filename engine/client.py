@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .config import EngineConfig
 from .errors import EngineDead, InvalidRequest, QueueFull
@@ -18,6 +20,8 @@ from .limits import RequestLimits
 from .llm_engine import EngineStats
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -41,6 +45,11 @@ class EngineClient(ABC):
         # another), so two threads never share one.
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True,
                                                        trust_remote_code=False)
+        # Long prompts are tokenized on a thread of their own (``run_tokenizer``), never on
+        # the event loop, with a third instance: one thread each, none shared.
+        self._prompt_tokenizer = AutoTokenizer.from_pretrained(
+            config.model, local_files_only=True, trust_remote_code=False)
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="e3rl-tokenizer")
         self.latest_stats = stats  # a snapshot, replaced (never mutated) by the engine side
         self.num_checkpoint_bytes = num_checkpoint_bytes
         self.error: BaseException | None = None
@@ -79,6 +88,12 @@ class EngineClient(ABC):
         all or nothing. Raises ``WeightUpdateError`` (old weights keep serving)."""
 
     # -- requests ------------------------------------------------------------------------
+    async def run_tokenizer(self, fn: Callable[..., T]) -> T:
+        """``fn(tokenizer)`` on the tokenizer thread: a 4 MiB prompt takes seconds to
+        tokenize, and must not hold up every stream the event loop serves meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, fn, self._prompt_tokenizer)
+
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Check a request without submitting it; returns its prompt token ids."""
         if isinstance(prompt, str):
@@ -91,13 +106,15 @@ class EngineClient(ABC):
         return ids
 
     async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, prompt_ids: list[int] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas until it finishes. Raises
         ``InvalidRequest``, ``QueueFull`` or ``EngineDead`` before the first delta. Closing
-        the iterator early (a client that disconnects) aborts the request."""
+        the iterator early (a client that disconnects) aborts the request. ``prompt_ids``:
+        the text prompt's token ids when the caller has them (not tokenized again)."""
         if not self.is_alive:
             raise EngineDead("the engine is not running")
-        ids = self.validate(prompt, params)
+        ids = self.validate(prompt if prompt_ids is None else prompt_ids, params)
         with self._lock:
             waiting = self.latest_stats.num_waiting_requests + self._num_queued
             if waiting >= self.config.max_waiting:

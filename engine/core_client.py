@@ -101,6 +101,7 @@ class EngineCoreClient(EngineClient):
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._closing.set()
+        self._tokenizer_thread.shutdown(wait=False)
         if self._alive():
             try:
                 self._send(Shutdown())

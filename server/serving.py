@@ -86,7 +86,8 @@ class Generation:
 
     async def _pump(self, i: int, r: EngineRequest) -> None:
         try:
-            async for delta in self.engine.generate(r.request_id, r.prompt, r.params):
+            async for delta in self.engine.generate(r.request_id, r.prompt, r.params,
+                                                    prompt_ids=r.prompt_ids):
                 self._observe(i, delta)
                 if self._accumulate:
                     self.results[i] = merge_delta(self.results[i], delta)

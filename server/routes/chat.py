@@ -44,11 +44,12 @@ def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _engine_request(req: ChatCompletionRequest, engine: EngineClient,
-                    request_id: str, healing_defaults: HealingDefaults) -> EngineRequest:
+def _engine_request(req: ChatCompletionRequest, engine: EngineClient, request_id: str,
+                    healing_defaults: HealingDefaults, tokenizer) -> EngineRequest:
+    """Render, tokenize (on the tokenizer thread) and validate the conversation."""
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    ids = render_chat(engine.tokenizer, req.messages, req.add_generation_prompt,
+    ids = render_chat(tokenizer, req.messages, req.add_generation_prompt,
                       req.continue_final_message)
     max_tokens = req.max_completion_tokens or req.max_tokens or room_after(engine, len(ids))
     params = req.to_sampling_params(n=req.n, max_tokens=max_tokens,
@@ -67,9 +68,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     check_model(req.model, settings.model_name)
     req.check_supported(settings.max_n)
     request_id = new_id("chatcmpl")
-    gen = Generation(engine, metrics,
-                     [_engine_request(req, engine, request_id, settings.healing_defaults())],
-                     recorder)
+    engine_request = await engine.run_tokenizer(lambda tokenizer: _engine_request(
+        req, engine, request_id, settings.healing_defaults(), tokenizer))
+    gen = Generation(engine, metrics, [engine_request], recorder)
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

@@ -54,14 +54,14 @@ def _check(req: CompletionRequest, settings: Settings) -> None:
 
 
 def _engine_requests(req: CompletionRequest, engine: EngineClient, request_id: str,
-                     settings: Settings) -> list[EngineRequest]:
-    """Tokenize and validate every prompt before anything is submitted."""
+                     settings: Settings, tokenizer) -> list[EngineRequest]:
+    """Tokenize (once, on the tokenizer thread) and validate every prompt before anything
+    is submitted."""
     out = []
     for i, prompt in enumerate(_prompts(req)):
         if isinstance(prompt, list) and not prompt:
             raise InvalidRequest("a token-id prompt must not be empty", param="prompt")
-        ids = engine.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and prompt \
-            else prompt
+        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and prompt else prompt
         max_tokens = req.max_tokens if req.max_tokens is not None \
             else room_after(engine, len(ids))
         # Scoring the prompt (echo with logprobs, or max_tokens 0) needs its log-probs.
@@ -74,7 +74,7 @@ def _engine_requests(req: CompletionRequest, engine: EngineClient, request_id: s
                                         logprobs=engine_logprobs(req.logprobs),
                                         prompt_logprobs=prompt_logprobs,
                                         healing_defaults=settings.healing_defaults())
-        ids = engine.validate(prompt, params)
+        ids = engine.validate(ids if isinstance(prompt, str) and prompt else prompt, params)
         out.append(EngineRequest(f"{request_id}-{i}", prompt, ids, params))
     return out
 
@@ -87,8 +87,9 @@ async def create_completion(req: CompletionRequest, request: Request,
                             recorder: TrajectoryRecorder | None = Depends(get_recorder)):
     _check(req, settings)
     request_id = new_id("cmpl")
-    gen = Generation(engine, metrics, _engine_requests(req, engine, request_id, settings),
-                     recorder)
+    requests = await engine.run_tokenizer(
+        lambda tokenizer: _engine_requests(req, engine, request_id, settings, tokenizer))
+    gen = Generation(engine, metrics, requests, recorder)
     text_of: TokenText = request.app.state.token_text
     try:
         outputs = await run_generation(request, gen, req.stream)

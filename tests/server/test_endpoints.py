@@ -4,6 +4,7 @@ against the ASGI app."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_chat_stream(client):
 
 
 def test_chat_without_template_is_400(client, engine, monkeypatch):
-    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    for tokenizer in (engine.tokenizer, engine._prompt_tokenizer):  # as a model without one
+        monkeypatch.setattr(tokenizer, "chat_template", None)
     r = client.post("/v1/chat/completions", json={"messages": MESSAGES})
     assert r.status_code == 400
     assert "chat template" in r.json()["error"]["message"]
@@ -116,3 +118,22 @@ def test_models(client):
 def test_health_and_ready(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
+
+
+def test_prompts_are_tokenized_once_off_the_event_loop(client, engine, monkeypatch):
+    """A long text prompt takes seconds to tokenize: that happens on the tokenizer thread,
+    once per prompt, never on the event loop that serves every other stream."""
+    calls = []
+    encode = type(engine._prompt_tokenizer).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine._prompt_tokenizer), "__call__", spy)
+    r = client.post("/v1/completions", json={"prompt": ["Hello there", "and more"],
+                                             "max_tokens": 2})
+    assert r.status_code == 200
+    r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200
+    assert len(calls) == 3 and all(name.startswith("e3rl-tokenizer") for name in calls)
