@@ -126,7 +126,7 @@ class Sequence:
         self.entropy.append(entropy)
         if top is not None:
             self.top_logprobs.append(top)
-        return self.detokenizer.update(self.output_token_ids)
+        return self.detokenizer.update(self.token_ids, self.num_prompt_tokens)
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Keep the first ``num_output_tokens`` output tokens (an erasure). The last kept
