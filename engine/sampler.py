@@ -89,13 +89,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logp = scaled.log_softmax(-1)  # [N, V] sampling distribution
     probs = logp.exp()
     token_ids = logits.argmax(-1)  # greedy rows
-    for row, gen in enumerate(batch.generators):
-        if gen is None:
-            continue
-        # Gumbel-max with exponential noise: argmax p / q, q ~ Exp(1), from the row's own
-        # generator, so a seeded row is reproducible whatever else is in the batch.
-        noise = torch.empty_like(probs[row]).exponential_(generator=gen)
-        token_ids[row] = (probs[row] / noise).argmax()
+    sampled_rows = [row for row, gen in enumerate(batch.generators) if gen is not None]
+    if sampled_rows:
+        # Gumbel-max with exponential noise: argmax p / q, q ~ Exp(1), each row's noise from
+        # its own generator, so a seeded row is reproducible whatever else is in the batch.
+        # The draws stay one per row (the generators differ); the division and argmax run
+        # once for the batch. Greedy rows keep noise 1 and their logits' argmax.
+        noise = torch.ones_like(probs)  # [N, V]
+        for row in sampled_rows:
+            noise[row].exponential_(generator=batch.generators[row])
+        drawn = (probs / noise).argmax(-1)  # [N]
+        if len(sampled_rows) == len(batch.generators):
+            token_ids = drawn
+        else:
+            is_sampled = torch.tensor([g is not None for g in batch.generators],
+                                      device=logits.device)
+            token_ids = torch.where(is_sampled, drawn, token_ids)
     picked = token_ids.unsqueeze(1)
     nll = -logp.gather(1, picked).squeeze(1)
     entropy = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)
