@@ -80,8 +80,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             start = seq.num_computed_tokens
-            num_new = min(seq.num_tokens - start, budget)
-            while not bm.can_write(seq.block_table, start, start + num_new):
+            num_new = min(len(seq.token_ids) - start, budget)
+            while True:
+                # Recounted after each preemption: a victim sharing seq's block may have freed it.
+                num_needed = bm.num_blocks_to_write(seq.block_table, start, start + num_new)
+                if num_needed <= bm.num_free_blocks:
+                    break
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -89,7 +93,8 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            out.block_copies += bm.prepare_write(seq.block_table, start, start + num_new)
+            if num_needed:  # else the positions are in blocks of seq's own: nothing to prepare
+                out.block_copies += bm.prepare_write(seq.block_table, start, start + num_new)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
             i += 1
