@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,31 +203,35 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.kv_cache.copy_blocks(sched.block_copies)
         bs = self.kv_cache.block_size
+        scheduled = sched.scheduled
         # Decode tokens first, shortest context first (for grouping), then prefill chunks.
-        order = sorted(range(len(sched.scheduled)), key=lambda i: (
-            sched.scheduled[i].num_new_tokens != 1, sched.scheduled[i].seq.num_computed_tokens))
+        keys = [(item.num_new_tokens != 1, item.seq.num_computed_tokens) for item in scheduled]
+        order = sorted(range(len(scheduled)), key=keys.__getitem__)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         keep: list[int] = []  # packed positions whose logits we need
-        sample_rows = [-1] * len(sched.scheduled)
-        prompt_rows: list[tuple[int, int, int]] = []
+        sample_rows = [-1] * len(scheduled)
+        prompt_rows: list[tuple[int, int, int, int]] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         for i in order:
-            item = sched.scheduled[i]
+            item = scheduled[i]
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             offset = len(input_ids)
-            input_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if n == 1:
+            if n == 1:  # decode: one token, the common case, without slices and ranges
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
+                input_ids += seq.token_ids[start:start + n]
+                positions += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
                 prefills.append(self._prefill_chunk(offset, n, start, table))
             # Prompt log-probs: logits at prompt positions p predict token p + 1.
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
@@ -236,47 +241,62 @@ class ModelRunner:
             if item.samples:
                 sample_rows[i] = len(keep)
                 keep.append(offset + n - 1)
-        meta = AttentionMetadata(
-            kv_cache=self.kv_cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            prefills=prefills)
-        if decode_tables and self.attention_backend == "native":
-            meta.native_decode = self._native_decode(decode_tables, decode_lens)
-        elif decode_tables:
-            meta.decodes = self._decode_groups(decode_tables, decode_lens)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device).unsqueeze(0)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(0)
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=False,
-                         logits_to_keep=keep_t, **{attention.METADATA_KWARG: meta})
+        num_tokens = len(input_ids)
+        tables = _padded(decode_tables)
+        ids, pos, slot_t, keep_t, lens_t, tables_t = self._long_tensors(
+            input_ids, positions, slots, keep, decode_lens, tables)
+        meta = AttentionMetadata(kv_cache=self.kv_cache, slot_mapping=slot_t,
+                                 prefills=prefills)
+        if decode_tables:
+            tables_t = tables_t.view(len(decode_tables), -1)  # [n, max_blocks]
+            if self.attention_backend == "native":
+                meta.native_decode = NativeDecode(0, len(decode_tables), tables_t, lens_t)
+            else:
+                meta.decodes = self._decode_groups(decode_tables, tables_t, decode_lens)
+        out = self.model(input_ids=ids.view(1, num_tokens), position_ids=pos.view(1, num_tokens),
+                         use_cache=False, logits_to_keep=keep_t,
+                         **{attention.METADATA_KWARG: meta})
         return ModelRunnerOutput(out.logits[0].float(), sample_rows, prompt_rows)
 
-    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        """``[n, max_blocks]`` long, rows padded with block 0 (never read past a context)."""
-        max_blocks = max(len(t) for t in tables)
-        return torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long,
-                            device=self.device)
+    def _long_tensors(self, *parts: list[int]) -> list[torch.Tensor]:
+        """1-D int64 tensors of ``parts`` on the device, all views of one buffer: one
+        conversion (``array`` -> ``frombuffer``, ~5x faster than ``torch.tensor(list)``) and,
+        off CPU, one host-to-device copy per step instead of one per input."""
+        flat = array("q")
+        for part in parts:
+            flat.extend(part)
+        if not flat:
+            whole = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            whole = torch.frombuffer(flat, dtype=torch.long)
+            if self.device.type != "cpu":
+                whole = whole.to(self.device, non_blocking=True)
+        views, start = [], 0
+        for part in parts:
+            views.append(whole[start:start + len(part)])
+            start += len(part)
+        return views
 
-    def _native_decode(self, tables: list[list[int]], lens: list[int]) -> NativeDecode:
-        return NativeDecode(0, len(tables), self._block_tables(tables),
-                            torch.tensor(lens, dtype=torch.long, device=self.device))
-
-    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
+    def _decode_groups(self, tables: list[list[int]], tables_t: torch.Tensor,
+                       lens: list[int]) -> list[DecodeGroup]:
         """Split decode sequences (sorted by length) into groups whose padded gather stays
-        within ~1.5x of their real context, so short sequences do not pay for long ones."""
+        within ~1.5x of their real context, so short sequences do not pay for long ones.
+        ``tables_t``: the ``[n, max_blocks]`` padded ``tables``."""
         groups, start = [], 0
         for i in range(1, len(lens) + 1):
             if i == len(lens) or (lens[i] > 1.5 * lens[start] and i - start >= 4):
-                groups.append(self._decode_group(start, tables[start:i], lens[start:i]))
+                width = max(map(len, tables[start:i]))  # the group's own padded width
+                group_tables = tables_t[start:i, :width].contiguous()
+                groups.append(self._decode_group(start, group_tables, lens[start:i]))
                 start = i
         return groups
 
-    def _decode_group(self, start: int, tables: list[list[int]], lens: list[int]) -> DecodeGroup:
-        group = DecodeGroup(start, start + len(tables), self._block_tables(tables))
+    def _decode_group(self, start: int, tables: torch.Tensor, lens: list[int]) -> DecodeGroup:
+        group = DecodeGroup(start, start + len(lens), tables)
         if all(n == lens[0] for n in lens):
             group.context_len = lens[0]  # equal contexts: slice, no mask
         else:
-            width = group.block_tables.shape[1] * self.kv_cache.block_size
+            width = tables.shape[1] * self.kv_cache.block_size
             lens_t = torch.tensor(lens, device=self.device)
             mask = torch.arange(width, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
             group.mask = mask[:, None, None, :]  # [n, 1, 1, L]
@@ -293,3 +313,15 @@ class ModelRunner:
             k_pos = torch.arange(start + n, device=self.device).unsqueeze(0)
             chunk.mask = k_pos <= q_pos  # [n, start + n]
         return chunk
+
+
+def _padded(tables: list[list[int]]) -> list[int]:
+    """Block tables as one flat row-major ``[n, max_blocks]`` list, rows padded with block 0
+    (never read past a context)."""
+    width = max(map(len, tables), default=0)
+    flat: list[int] = []
+    for table in tables:
+        flat += table
+        if len(table) < width:
+            flat += [0] * (width - len(table))
+    return flat
