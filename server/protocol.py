@@ -8,6 +8,7 @@ silently changes what runs. The engine's extras follow vLLM's names (``top_k``, 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
@@ -31,7 +32,38 @@ TokenIds = list[StrictInt]
 Prompt = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 
 
-class _Strict(BaseModel):
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether ``value`` (a string, or lists, dicts and models of them) holds a lone UTF-16
+    surrogate: JSON's ``\\ud800`` escape decodes to one, and no UTF-8 encoder (the
+    tokenizer's, SQLite's, the log's) takes it."""
+    if isinstance(value, str):
+        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value if not isinstance(v, (int, float)))
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, BaseModel):
+        return has_lone_surrogate(value.__dict__) or has_lone_surrogate(value.model_extra or {})
+    return False
+
+
+class Utf8Fields(BaseModel):
+    """A request body whose strings can all be encoded as UTF-8: a lone surrogate is a 400
+    naming the field (it used to reach the tokenizer and fail there with a 500)."""
+
+    @field_validator("*")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        if has_lone_surrogate(value):
+            raise ValueError("must be valid Unicode (a lone surrogate such as \\ud800 cannot "
+                             "be encoded as UTF-8)")
+        return value
+
+
+class _Strict(Utf8Fields):
     model_config = ConfigDict(extra="forbid")
 
 
