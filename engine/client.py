@@ -125,9 +125,13 @@ class EngineClient(ABC):
         text = prompt if isinstance(prompt, str) else None
         finished = False
         try:
-            if self.error is not None:  # died since the check: _fail_all may have missed it
-                raise EngineDead("the engine is not running")
-            self._submit(request_id, text, ids, params)
+            try:
+                if self.error is not None:  # died since the check: _fail_all may have missed it
+                    raise EngineDead("the engine is not running")
+                self._submit(request_id, text, ids, params)
+            except BaseException:
+                self._taken_in()  # it never reached the engine: no longer counted as queued
+                raise
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):

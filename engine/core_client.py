@@ -150,7 +150,12 @@ class EngineCoreClient(EngineClient):
 
     def _submit(self, request_id: str, text: str | None, ids: list[int],
                 params: SamplingParams) -> None:
-        self._send(AddRequest(request_id, text, ids, params))
+        try:
+            data = self._encoder.encode(AddRequest(request_id, text, ids, params))
+        except (OverflowError, msgspec.EncodeError) as exc:  # e.g. top_k = 10**30
+            raise InvalidRequest(f"a value of the request is out of range ({exc})") from None
+        with self._send_lock:
+            self._commands.send(data, copy=False)
 
     def abort(self, request_id: str) -> None:
         if not self._closing.is_set() and self.error is None:

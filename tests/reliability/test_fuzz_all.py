@@ -4,7 +4,9 @@ benchmarks/reliability.py's ``fuzz``).
 
 A lone UTF-16 surrogate (JSON's ``"\\ud800"``) decodes to a Python string that no UTF-8
 encoder takes: in a prompt, a chat message, a stop string, a healing option or a /tokenize
-prompt it reached the tokenizer and failed there with a 500. It is a 400 naming the field."""
+prompt it reached the tokenizer and failed there with a 500. It is a 400 naming the field.
+An integer past 64 bits (``top_k`` 10**30) failed to cross to the engine process with a 500,
+and left a queue slot counted for ever. It is a 400."""
 
 from __future__ import annotations
 
@@ -52,3 +54,19 @@ def test_lone_surrogates_are_found_wherever_they_nest():
     assert has_lone_surrogate(["a", {"k": ["\udc00"]}])
     assert has_lone_surrogate({"\ud800": 1})
     assert not has_lone_surrogate(["é", "😀", 1, 2.0, None, {"k": [3]}])
+
+
+@pytest.mark.parametrize("field", [{"top_k": 10**30}, {"seed": -2**70}])
+def test_a_number_the_engine_process_cannot_take_is_a_400_and_leaks_no_queue_slot(
+        client, engine, field):
+    """Regression: ``top_k`` 10**30 passed validation, then failed to cross to the engine
+    process (msgspec takes 64-bit integers) with a 500, and each such request stayed counted
+    as queued for ever: ``max_waiting`` of them and every request got 503 queue_full."""
+    queued = engine._num_queued
+    for _ in range(3):
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, **field})
+        assert r.status_code == 400, r.text
+        assert "out of range" in r.json()["error"]["message"]
+    assert engine._num_queued == queued
+    assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code \
+        == 200
