@@ -1,0 +1,107 @@
+"""Load and abuse against one real ``e3rl serve`` (engine core in its own process), the short
+CI versions of benchmarks/reliability.py's attacks (which run them for minutes and print the
+figures): overload past the queue, a storm of streaming clients hanging up during forced
+erasures, clients that read slowly or never, a soak with feedback and weight uploads, and
+fuzzing every route of the server's own OpenAPI document.
+
+The server has few slots (4 running, 4 waiting), a small KV pool (256 blocks) and a short
+context (128), so that every attack reaches its limits within seconds on two cores. Each test
+ends with the engine idle: nothing running or waiting, every KV block free (/metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from e3rl.engine.model_factory import build_tiny_model
+
+from benchmarks.reliability import (run_fuzz, run_overload, run_slow, run_soak, run_storm,
+                                    serve, wait_idle)
+
+API_KEY, ADMIN_KEY = "api-key-load", "admin-key-load"
+API = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+NUM_SEQS = NUM_WAITING = 4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """(process, url): one server for the whole module, with both keys and uploads on."""
+    root = tmp_path_factory.mktemp("load")
+    (root / "ckpts").mkdir()
+    proc, url = serve(tiny_model, str(root), "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+                      "--checkpoint-dir", str(root / "ckpts"), "--max-num-seqs",
+                      str(NUM_SEQS), "--max-waiting", str(NUM_WAITING), "--max-model-len",
+                      "128", "--num-kv-blocks", "256", timeout_s=180)
+    yield proc, url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, (root / "serve.log").read_text()[-3000:]
+
+
+def assert_idle(state: dict) -> None:
+    assert state["is_idle"] and state["blocks_leaked"] == 0, state
+
+
+def test_overload_refuses_the_excess_with_503_and_finishes_the_admitted(server):
+    proc, url = server
+    clients = 4 * (NUM_SEQS + NUM_WAITING)
+    r = asyncio.run(run_overload(url, proc.pid, clients, duration_s=4, max_tokens=16,
+                                 headers=API))
+    print(r)
+    assert r["num_problems"] == 0, r["problems"]  # only 200s and 503 queue_full + Retry-After
+    assert r["admitted"] > 0 and r["share_503"] > 0.2, r
+    assert set(r["status_counts"]) == {"200", "503"}, r
+    assert r["rss_peak_mib"] - r["rss_before_mib"] < 200, r
+    assert_idle(r["engine_after"])
+
+
+def test_disconnect_storm_leaks_no_block_and_counts_every_abort(server):
+    _, url = server
+    r = asyncio.run(run_storm(url, 40, max_tokens=32, seed=1, headers=API, time_limit_s=60))
+    print(r)
+    assert not r["client_exceptions"] and not r["other_status"], r
+    assert r["erasures"] > 0 and r["server_aborted"] > 0 and r["completed"] > 0, r
+    assert r["counters_consistent"], r
+    assert_idle(r["engine_after"])
+
+
+def test_slow_readers_cost_other_clients_nothing_and_are_not_buffered_without_bound(server):
+    proc, url = server
+    r = asyncio.run(run_slow(url, proc.pid, num_slow=2, num_fast=2, phase_s=2,
+                             slow_max_tokens=100, fast_max_tokens=32, headers=API, n=2))
+    print(r)
+    assert r["slow_generations_done"], r
+    # Other processes share the two cores: a loose bound (a stall would be ~0).
+    assert r["throughput_ratio"] > 0.4, r
+    assert r["never_read_cut_by_server"] == 0, r  # 2 x 100 tokens: far under the cap
+    assert r["unread_mib"] > 0.1, r
+    assert r["rss_holding_mib"] - r["rss_before_mib"] < 32 + 4 * r["unread_mib"], r
+    assert_idle(r["engine_after"])
+
+
+def test_soak_with_feedback_and_weight_uploads_stays_flat(server, tmp_path):
+    proc, url = server
+    other = build_tiny_model(tmp_path / "other", "qwen3", seed=2)
+    blobs = [(other / "model.safetensors").read_bytes()]
+    r = asyncio.run(run_soak(url, proc.pid, duration_s=8, swap_every_s=2.5, checkpoints=blobs,
+                             api_headers=API, admin_headers=ADMIN, warmup_s=3))
+    print({k: v for k, v in r.items() if k != "samples"})
+    assert r["errors"] == 0, r["error_examples"]
+    assert r["swaps"] >= 2 and r["feedback"] > 0, r
+    assert r["fd_drift"] <= 2 and r["thread_drift"] <= 2 and r["rss_drift_mib"] < 32, r
+    assert_idle(r["engine_after"])
+
+
+def test_fuzz_every_route_with_and_without_keys(server):
+    _, url = server
+    r = run_fuzz(url, API_KEY, ADMIN_KEY, num_cases=200, time_limit_s=15, seed=1,
+                 big_bytes=100_000)
+    print({k: v for k, v in r.items() if k != "examples"})
+    assert r["operations"] >= 16, r
+    assert r["server_errors"] == 0 and r["bad_error_shape"] == 0, r["examples"]
+    assert "transport_errors" not in r, r["examples"]
+    assert r["cases"] >= 100 and r["normal_request_after"] == 200, r
+    assert_idle(wait_idle(url))
+
