@@ -40,6 +40,12 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The engine does not pause a request whose client stops reading its stream: the output waits
+# in the server. Past this many unsent tokens (all samples of the HTTP request) the request is
+# aborted and its connection closed, so that a connection holds a bounded amount; a request
+# may ask for n=64 x 4,096 tokens with 20 log-probs each (hundreds of MB as Python objects).
+# A client that reads keeps its backlog near zero; the socket buffers hold a few MB more.
+MAX_UNSENT_TOKENS = 4096
 
 
 @dataclass(slots=True)
@@ -77,6 +83,8 @@ class Generation:
         self._num_finished_samples = [0] * len(requests)
         self._got_token = [False] * len(requests)
         self._last_token_s: dict[tuple[int, int], float] = {}
+        self._num_unsent_tokens = 0  # in deltas queued for the consumer, not yet taken
+        self.is_stalled = asyncio.Event()  # set once MAX_UNSENT_TOKENS is passed
 
     def start(self, accumulate: bool = False) -> None:
         """Start the engine requests; ``accumulate``: keep each prompt's merged output in
@@ -98,6 +106,12 @@ class Generation:
                     if delta.finished and self.recorder is not None:
                         await self.recorder.record(self.results[i], r.params)
                 self._queue.put_nowait((i, delta))
+                self._num_unsent_tokens += _num_tokens(delta)
+                if self._num_unsent_tokens > MAX_UNSENT_TOKENS and not self.is_stalled.is_set():
+                    logger.warning("a stream's client left %d tokens unread: aborting %s and "
+                                   "closing its connection", self._num_unsent_tokens,
+                                   r.request_id)
+                    self.is_stalled.set()
         except Exception as exc:  # delivered to the consumer, which raises it
             self._finished[i] = True  # refused or failed: nothing left to abort
             self._queue.put_nowait((i, exc))
@@ -126,7 +140,7 @@ class Generation:
     async def _next(self) -> tuple[int, RequestOutput] | None:
         """The next delta of any prompt; None when all are done; raises an engine error."""
         while self._num_open:
-            i, item = await self._queue.get()
+            i, item = self._took(await self._queue.get())
             if item is None:
                 self._num_open -= 1
             elif isinstance(item, BaseException):
@@ -135,12 +149,17 @@ class Generation:
                 return i, item
         return None
 
+    def _took(self, item: tuple[int, Any]) -> tuple[int, Any]:
+        if isinstance(item[1], RequestOutput):
+            self._num_unsent_tokens -= _num_tokens(item[1])
+        return item
+
     async def prime(self) -> None:
         """Wait until every prompt has produced its first delta (or error), so that a
         streaming response can still answer a refused request with a proper status."""
         started = set()
         while len(started) < len(self.requests):
-            i, item = await self._queue.get()
+            i, item = self._took(await self._queue.get())
             if isinstance(item, BaseException):
                 raise item
             started.add(i)
@@ -163,7 +182,7 @@ class Generation:
             yield batch
         while self._num_open:
             batch = []
-            item = await self._queue.get()
+            item = self._took(await self._queue.get())
             while True:
                 i, x = item
                 if x is None:
@@ -176,7 +195,7 @@ class Generation:
                     batch.append((i, x))
                 if self._queue.empty():
                     break
-                item = self._queue.get_nowait()
+                item = self._took(self._queue.get_nowait())
             if batch:
                 yield batch
 
@@ -220,6 +239,10 @@ class Generation:
                 self.metrics.record_aborted(n - self._num_finished_samples[i])
 
 
+def _num_tokens(delta: RequestOutput) -> int:
+    return sum(len(o.token_ids) for o in delta.outputs)
+
+
 async def wait_for_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
@@ -250,6 +273,8 @@ async def run_generation(request: Request, gen: Generation,
     drains (SIGTERM) a new generation is refused with a 503 before it starts."""
     request.app.state.drain.admit(gen)  # no await between this and start(): see Drain.admit
     gen.start(accumulate=not stream)
+    if stream:
+        request.state.generation = gen  # SSEResponse closes a stalled stream
     try:
         if stream:
             await until_disconnect(request, gen.prime())
@@ -265,7 +290,8 @@ async def run_generation(request: Request, gen: Generation,
 
 class SSEResponse(StreamingResponse):
     """Server-Sent Events that always watch for the client leaving: its body iterator is
-    cancelled on disconnect (whatever the server's ASGI version), which aborts the request."""
+    cancelled on disconnect (whatever the server's ASGI version), which aborts the request.
+    A stream whose client stops reading (``Generation.is_stalled``) ends the same way."""
 
     media_type = "text/event-stream"
 
@@ -278,8 +304,13 @@ class SSEResponse(StreamingResponse):
                 await fn()
                 group.cancel_scope.cancel()
 
+            gen: Generation | None = scope.get("state", {}).get("generation")
+            if gen is not None:
+                group.start_soon(run, gen.is_stalled.wait)
             group.start_soon(run, partial(self.stream_response, send))
             await run(partial(wait_for_disconnect, receive))
+        if gen is not None and gen.is_stalled.is_set():
+            gen.close()  # abort what still runs; the unsent deltas go with the response
 
 
 def sse(payload: str) -> str:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 
 import pytest
 
 from e3rl.engine.model_factory import build_tiny_model
 
-from benchmarks.reliability import (run_fuzz, run_overload, run_slow, run_soak, run_storm,
-                                    serve, wait_idle)
+from benchmarks.reliability import (open_request, run_fuzz, run_overload, run_slow, run_soak,
+                                    run_storm, serve, wait_idle)
 
 API_KEY, ADMIN_KEY = "api-key-load", "admin-key-load"
 API = {"Authorization": f"Bearer {API_KEY}"}
@@ -105,3 +106,38 @@ def test_fuzz_every_route_with_and_without_keys(server):
     assert r["cases"] >= 100 and r["normal_request_after"] == 200, r
     assert_idle(wait_idle(url))
 
+
+def test_a_stream_nobody_reads_is_aborted_past_the_unsent_cap(tiny_model, engine, monkeypatch):
+    """Regression: the output of a stream whose client never read waited in the server
+    without bound (n=64 x 4,096 tokens with log-probs: hundreds of MB for one connection).
+    Past MAX_UNSENT_TOKENS the request is aborted and the connection closed."""
+    from e3rl.server import serving
+    from e3rl.server.app import create_app
+
+    from tests.server.conftest import LiveServer, make_settings
+    from tests.server.test_disconnect import scrape
+
+    monkeypatch.setattr(serving, "MAX_UNSENT_TOKENS", 64)
+    live = LiveServer(create_app(make_settings(tiny_model), engine=engine))
+    # Small kernel buffers (accepted sockets inherit them): the unread output backs up into
+    # the server process at once, rather than after the several MB loopback can buffer.
+    live.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    try:
+        before = scrape(live.url)["e3rl_requests_total{finish_reason=abort}"]
+
+        async def never_read() -> bytes:
+            body = {"prompt": "x", "stream": True, "max_tokens": 120, "n": 16, "logprobs": 5,
+                    "ignore_eos": True, "temperature": 1.0}
+            reader, writer = await open_request(live.url, "/v1/completions", body, {},
+                                                rcvbuf=4096)
+            await asyncio.sleep(3)  # the server's buffers fill up; nothing is read
+            data = await asyncio.wait_for(reader.read(), 30)  # then read it all: to EOF
+            writer.close()
+            return data
+
+        data = asyncio.run(never_read())
+        assert data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in data
+        assert_idle(wait_idle(live.url))
+        assert scrape(live.url)["e3rl_requests_total{finish_reason=abort}"] > before
+    finally:
+        live.stop()
