@@ -46,6 +46,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # may ask for n=64 x 4,096 tokens with 20 log-probs each (hundreds of MB as Python objects).
 # A client that reads keeps its backlog near zero; the socket buffers hold a few MB more.
 MAX_UNSENT_TOKENS = 4096
+# At most this many tokens go into one write of a stream: a batch is rendered whole and
+# handed to the socket's buffer whole, so an unbounded batch (a slow reader's backlog) would
+# move the backlog out of sight of MAX_UNSENT_TOKENS and hold the event loop while it renders.
+MAX_BATCH_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -175,13 +179,14 @@ class Generation:
             yield item
 
     async def delta_batches(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
-        """Like ``deltas``, but everything already queued comes at once, so that a stream
-        writes to its socket once per wake-up rather than once per delta."""
+        """Like ``deltas``, but what is already queued comes at once (up to
+        ``MAX_BATCH_TOKENS``), so that a stream writes to its socket once per wake-up rather
+        than once per delta."""
         if self._buffer:
             batch, self._buffer = self._buffer, []
             yield batch
         while self._num_open:
-            batch = []
+            batch, num_tokens = [], 0
             item = self._took(await self._queue.get())
             while True:
                 i, x = item
@@ -193,7 +198,8 @@ class Generation:
                     raise x
                 else:
                     batch.append((i, x))
-                if self._queue.empty():
+                    num_tokens += _num_tokens(x)
+                if self._queue.empty() or num_tokens >= MAX_BATCH_TOKENS:
                     break
                 item = self._took(self._queue.get_nowait())
             if batch:

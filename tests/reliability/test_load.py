@@ -141,3 +141,37 @@ def test_a_stream_nobody_reads_is_aborted_past_the_unsent_cap(tiny_model, engine
         assert scrape(live.url)["e3rl_requests_total{finish_reason=abort}"] > before
     finally:
         live.stop()
+
+
+def test_a_backlog_is_written_in_bounded_batches(monkeypatch):
+    """Regression: a stream's consumer took everything queued into one write, so a slow
+    reader's whole backlog (15,000 tokens with log-probs) was rendered at once on the event
+    loop (other streams fell from 419 to 8 tok/s in benchmarks/reliability.py slow) and moved
+    into the socket's buffer, out of sight of MAX_UNSENT_TOKENS."""
+    from unittest.mock import MagicMock
+
+    from e3rl.engine import SamplingParams
+    from e3rl.engine.outputs import CompletionOutput, RequestOutput
+    from e3rl.server import serving
+
+    num_deltas = 1000
+    monkeypatch.setattr(serving, "MAX_BATCH_TOKENS", 100)
+
+    class Engine:
+        async def generate(self, request_id, prompt, params, **kwargs):
+            for k in range(num_deltas):
+                yield RequestOutput(request_id, "p", [1], [CompletionOutput(
+                    0, "x", [7], "length" if k == num_deltas - 1 else None)],
+                    finished=k == num_deltas - 1)
+
+    async def main() -> list[int]:
+        gen = serving.Generation(Engine(), MagicMock(), [serving.EngineRequest(
+            "r", "p", [1], SamplingParams(max_tokens=num_deltas))])
+        gen.start()
+        await gen.prime()
+        await asyncio.sleep(0.1)  # the pump queues the whole backlog meanwhile
+        return [sum(len(o.token_ids) for _, d in batch for o in d.outputs)
+                async for batch in gen.delta_batches()]
+
+    sizes = asyncio.run(main())
+    assert sum(sizes) == num_deltas and max(sizes) == 100, sizes
