@@ -51,6 +51,10 @@ def _check(req: CompletionRequest, settings: Settings) -> None:
             raise InvalidRequest("best_of > n cannot be streamed", param="best_of")
     if req.stream and req.echo and req.logprobs is not None:
         raise InvalidRequest("echo with logprobs cannot be streamed", param="echo")
+    num_prompts = len(_prompts(req))
+    if num_prompts > settings.max_waiting:  # could never be queued at once: not a 503
+        raise InvalidRequest(f"{num_prompts} prompts in one request, but the server queues at "
+                             f"most {settings.max_waiting} (--max-waiting)", param="prompt")
 
 
 def _engine_requests(req: CompletionRequest, engine: EngineClient, request_id: str,

@@ -212,6 +212,11 @@ def test_real_queue_full(tiny_model):
                     await asyncio.sleep(0.01)
                 raise AssertionError("the engine never reached the expected state")
 
+            # More prompts than the queue holds could never be admitted: a 400, not a 503.
+            batch = await client.post("/v1/completions", json={**OK, "prompt": [[5], [6]]})
+            assert batch.status_code == 400, batch.text
+            assert batch.json()["error"]["param"] == "prompt"
+            assert "at most 1 (--max-waiting)" in batch.json()["error"]["message"]
             first = asyncio.create_task(client.post("/v1/completions", json=long))
             await until(lambda: engine.latest_stats.num_running_requests >= 1)
             second = asyncio.create_task(client.post("/v1/completions", json=long))
