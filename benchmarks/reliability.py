@@ -105,6 +105,7 @@ def usage(pid: int) -> dict:
     children (the server's engine core), summed."""
     proc = psutil.Process(pid)
     rss = fds = threads = 0
+    server_rss = proc.memory_info().rss
     for p in [proc, *proc.children(recursive=True)]:
         try:
             rss += p.memory_info().rss
@@ -112,7 +113,8 @@ def usage(pid: int) -> dict:
             threads += p.num_threads()
         except psutil.NoSuchProcess:
             pass
-    return {"rss_mib": round(rss / 2**20, 1), "fds": fds, "threads": threads}
+    return {"rss_mib": round(rss / 2**20, 1), "server_rss_mib": round(server_rss / 2**20, 1),
+            "fds": fds, "threads": threads}
 
 
 class Sampler:
@@ -549,7 +551,7 @@ async def run_slow(url: str, pid: int, num_slow: int, num_fast: int, phase_s: fl
     headers = headers or {}
     await measure_throughput(url, num_fast, min(2.0, phase_s), fast_max_tokens, headers)  # warm
     alone = await measure_throughput(url, num_fast, phase_s, fast_max_tokens, headers)
-    rss_before = usage(pid)["rss_mib"]
+    rss_before, server_before = usage(pid)["rss_mib"], usage(pid)["server_rss_mib"]
     body = {"prompt": "slow", "stream": True, "max_tokens": slow_max_tokens, "n": n,
             "logprobs": 5, "ignore_eos": True, "temperature": 1.0}
     trickle_bytes = 0
@@ -574,7 +576,7 @@ async def run_slow(url: str, pid: int, num_slow: int, num_fast: int, phase_s: fl
     # open with the output unread: from then on they cost the engine nothing.
     held = await asyncio.to_thread(wait_idle, url, 120.0)
     with_slow = await measure_throughput(url, num_fast, phase_s, fast_max_tokens, headers)
-    rss_held = usage(pid)["rss_mib"]
+    rss_held, server_held = usage(pid)["rss_mib"], usage(pid)["server_rss_mib"]
     sampling.set()
     await monitor
     unread = num_cut = 0
@@ -601,6 +603,7 @@ async def run_slow(url: str, pid: int, num_slow: int, num_fast: int, phase_s: fl
             "never_read_cut_by_server": num_cut,
             "rss_before_mib": rss_before, "rss_peak_mib": sampler.peak(),
             "rss_holding_mib": rss_held, "slow_generations_done": held["is_idle"],
+            "server_rss_before_mib": server_before, "server_rss_holding_mib": server_held,
             "rss_growth_per_unread_mib": round((rss_held - rss_before) / max(unread / 2**20,
                                                                              1e-9), 2),
             "engine_after": idle}

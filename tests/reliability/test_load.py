@@ -18,8 +18,8 @@ import pytest
 
 from e3rl.engine.model_factory import build_tiny_model
 
-from benchmarks.reliability import (open_request, run_fuzz, run_overload, run_slow, run_soak,
-                                    run_storm, serve, wait_idle)
+from benchmarks.reliability import (engine_state, open_request, run_fuzz, run_overload,
+                                    run_slow, run_soak, run_storm, serve, wait_idle)
 
 API_KEY, ADMIN_KEY = "api-key-load", "admin-key-load"
 API = {"Authorization": f"Bearer {API_KEY}"}
@@ -130,7 +130,12 @@ def test_a_stream_nobody_reads_is_aborted_past_the_unsent_cap(tiny_model, engine
                     "ignore_eos": True, "temperature": 1.0}
             reader, writer = await open_request(live.url, "/v1/completions", body, {},
                                                 rcvbuf=4096)
-            await asyncio.sleep(3)  # the server's buffers fill up; nothing is read
+            # Nothing is read until the request has run and ended (cut, or all generated).
+            for _ in range(200):
+                if (await asyncio.to_thread(engine_state, live.url))["running"] > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await asyncio.to_thread(wait_idle, live.url, 120.0))["is_idle"]
             data = await asyncio.wait_for(reader.read(), 30)  # then read it all: to EOF
             writer.close()
             return data
