@@ -65,6 +65,7 @@ class EngineCoreClient(EngineClient):
             raise
         self._send_lock = threading.Lock()
         self._calls: dict[int, Future] = {}
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # of live requests
         self._next_call_id = 0
         self._num_taken_in = 0
         self._thread: threading.Thread | None = None
@@ -151,11 +152,16 @@ class EngineCoreClient(EngineClient):
     def _submit(self, request_id: str, text: str | None, ids: list[int],
                 params: SamplingParams) -> None:
         try:
-            data = self._encoder.encode(AddRequest(request_id, text, ids, params))
+            data = self._encoder.encode(AddRequest(request_id, ids, params))
         except (OverflowError, msgspec.EncodeError) as exc:  # e.g. top_k = 10**30
             raise InvalidRequest(f"a value of the request is out of range ({exc})") from None
-        with self._send_lock:
-            self._commands.send(data, copy=False)
+        self._prompts[request_id] = (text, ids)  # put back into its deltas (StepOutputs)
+        try:
+            with self._send_lock:
+                self._commands.send(data, copy=False)
+        except BaseException:
+            self._prompts.pop(request_id, None)
+            raise
 
     def abort(self, request_id: str) -> None:
         if not self._closing.is_set() and self.error is None:
@@ -200,8 +206,13 @@ class EngineCoreClient(EngineClient):
                 self._taken_in(event.num_taken_in - self._num_taken_in)
                 self._num_taken_in = event.num_taken_in
             for error in event.errors:
+                self._prompts.pop(error.request_id, None)
                 self._deliver(error.request_id, _exception(error))
             for delta in event.outputs:
+                prompt = self._prompts.pop(delta.request_id, None) if delta.finished \
+                    else self._prompts.get(delta.request_id)
+                if prompt is not None:
+                    delta.prompt, delta.prompt_token_ids = prompt
                 self._deliver(delta.request_id, delta)
         elif isinstance(event, CallResult):
             self.latest_stats = event.stats  # /v1/models and /metrics see a swap at once

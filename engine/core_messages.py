@@ -15,7 +15,6 @@ from .sampling_params import SamplingParams
 # -- front end -> core -------------------------------------------------------------------
 class AddRequest(msgspec.Struct, tag="add", array_like=True):
     request_id: str
-    prompt: str | None  # the text, when the client sent one (kept in trajectories)
     prompt_token_ids: list[int]
     params: SamplingParams
 
@@ -56,6 +55,8 @@ class RequestError(msgspec.Struct, array_like=True):
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):
+    # Deltas without their prompt (``prompt`` None, ``prompt_token_ids`` empty): the front
+    # end has both and puts them back, so a long prompt never crosses again every step.
     outputs: list[RequestOutput]
     errors: list[RequestError]
     stats: EngineStats

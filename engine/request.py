@@ -59,7 +59,8 @@ class Request:
         if stable == t0 and text_end == c0 and not (finished and not seq.released_final):
             return None
         out = CompletionOutput(
-            index=seq.index, text=text[c0:text_end], token_ids=seq.output_token_ids[t0:stable],
+            index=seq.index, text=text[c0:text_end],
+            token_ids=seq.token_ids[seq.num_prompt_tokens + t0:seq.num_prompt_tokens + stable],
             finish_reason=seq.finish_reason if finished else None,
             stop_reason=seq.stop_reason if finished else None,
             logprobs=seq.logprobs[t0:stable], nll=seq.nll[t0:stable],

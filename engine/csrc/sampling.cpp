@@ -42,7 +42,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_sample(const at::Tensor& l
   float* lp_p = logprob.data_ptr<float>();
   float* ent_p = entropy.data_ptr<float>();
   const int64_t full = vocab - vocab % Vec::size();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  // Rows per task: enough logits (~32k) that waking another thread pays for itself.
+  const int64_t grain = std::max<int64_t>(1, 32768 / vocab);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = x + r * vocab;
       float m = -std::numeric_limits<float>::infinity();

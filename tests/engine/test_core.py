@@ -65,6 +65,7 @@ def test_greedy_streams_equal_hf_and_aborts_free_every_block(core, tiny_model):
     _until(lambda: core.latest_stats.num_free_kv_blocks == CONFIG["num_kv_blocks"]
            and core.latest_stats.num_running_requests == 0
            and core.latest_stats.num_waiting_requests == 0)
+    assert core._prompts == {}  # the front end's copy of each prompt went with its request
 
 
 def test_text_prompts_and_invalid_requests(core):
