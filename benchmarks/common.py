@@ -66,13 +66,19 @@ class LoadMonitor:
     def _ours(self) -> float:
         """CPU seconds of this process, of ``pids`` and of their children (a server's
         engine-core process)."""
-        total = 0.0
+        procs: dict[int, psutil.Process] = {}
         for pid in self.pids:
             try:
                 proc = psutil.Process(pid)
                 for p in [proc, *proc.children(recursive=True)]:
-                    t = p.cpu_times()
-                    total += t.user + t.system
+                    procs[p.pid] = p  # once each: a pid given may also be our child
+            except psutil.NoSuchProcess:
+                pass
+        total = 0.0
+        for p in procs.values():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         return total
