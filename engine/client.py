@@ -116,7 +116,7 @@ class EngineClient(ABC):
             raise EngineDead("the engine is not running")
         ids = self.validate(prompt if prompt_ids is None else prompt_ids, params)
         with self._lock:
-            waiting = self.latest_stats.num_waiting_requests + self._num_queued
+            waiting = self.latest_stats.num_queued_requests + self._num_queued
             if waiting >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
             self._num_queued += 1

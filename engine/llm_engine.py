@@ -46,6 +46,10 @@ class EngineStats:
     num_recomputed_tokens: int = 0
     prefix_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache
     prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in it
+    # Requests never scheduled yet: what the waiting-queue bound admits against. (Requests
+    # preempted, or re-queued by a weight swap, were admitted already and count as waiting
+    # above, but a burst of them must not turn new requests away.)
+    num_queued_requests: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -114,7 +118,7 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         self.check_lengths(len(ids), params)
         if len(self.requests) >= self.config.max_waiting + self.config.max_num_seqs \
-                or len(self.scheduler.waiting) >= self.config.max_waiting:
+                or self._num_queued_requests() >= self.config.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
         seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
         seqs[0].num_children_to_fork = params.n - 1
@@ -392,6 +396,9 @@ class LLMEngine:
                     "on with them)", version, len(tensors), len(self.requests))
 
     # -- introspection -------------------------------------------------------------------
+    def _num_queued_requests(self) -> int:
+        return sum(1 for r in self.requests.values() if r.seqs[0].first_scheduled_time is None)
+
     def stats(self) -> EngineStats:
         running = {s.request_id for s in self.scheduler.running}
         return EngineStats(
@@ -408,4 +415,5 @@ class LLMEngine:
             num_erasures=self.num_erasures, num_erased_tokens=self.num_erased_tokens,
             num_recomputed_tokens=self.num_recomputed_tokens,
             prefix_cache_hit_tokens=self.block_manager.num_hit_tokens,
-            prefix_cache_queried_tokens=self.block_manager.num_queried_tokens)
+            prefix_cache_queried_tokens=self.block_manager.num_queried_tokens,
+            num_queued_requests=self._num_queued_requests())

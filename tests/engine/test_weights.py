@@ -182,3 +182,22 @@ def test_untied_model_still_requires_its_own_lm_head(models):
     llm = LLM(old, num_kv_blocks=64)
     with pytest.raises(WeightUpdateError, match="missing 1 tensor"):
         llm.update_weights(state, "bad")
+
+
+def test_requests_requeued_by_a_swap_do_not_fill_the_waiting_queue(tiny_model):
+    """A swap re-queues every running request; they were admitted already, so a new request
+    still finds room in a waiting queue of 2 (it was refused with QueueFull)."""
+    from e3rl.engine import EngineConfig, SamplingParams
+    from e3rl.engine.llm_engine import LLMEngine
+    from e3rl.engine.weights import read_checkpoint
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", num_kv_blocks=64,
+                                    block_size=4, max_num_seqs=2, max_waiting=2))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], params)
+    engine.add_request("b", [8, 9, 10], params)
+    engine.step()
+    engine.update_weights(read_checkpoint(tiny_model), "1")
+    assert engine.stats().num_waiting_requests == 2 and engine.stats().num_queued_requests == 0
+    engine.add_request("c", [11, 12], params)  # raised QueueFull before
+    assert engine.stats().num_queued_requests == 1

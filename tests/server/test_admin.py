@@ -160,26 +160,42 @@ def test_no_checkpoint_dir_configured_refuses_weight_updates(tiny_model, engine)
     assert engine.latest_stats.weight_version == "0"
 
 
-def test_a_second_swap_while_one_runs_is_409(server, checkpoints):
-    """The first swap is held inside its checkpoint read (its file is a FIFO that nobody has
-    written yet, as on a stalled filesystem); a second one meanwhile gets 409. The first then
-    reads nothing and is refused, so the served weights stay at version 0."""
-    held = checkpoints[0] / "held"
-    held.mkdir()
-    os.mkfifo(held / "model.safetensors")
-    results = {}
-    first = threading.Thread(target=lambda: results.update(first=swap(server.url, "held")))
+def test_a_second_swap_while_one_runs_is_409(server):
+    """An update holds the lock from its start (here an upload whose body is still coming,
+    as from a slow trainer); a swap from a directory meanwhile gets 409. The upload is then
+    abandoned mid-body, so the served weights stay at version 0 and the lock is free again."""
+    release = threading.Event()
+
+    def body():
+        yield b"x" * 1024
+        release.wait(30)
+        raise ConnectionAbortedError("the uploader gives up")
+
+    def upload():
+        try:
+            httpx.post(f"{server.url}/v1/admin/weights/upload", params={"version": "9"},
+                       content=body(), timeout=60,
+                       headers={**ADMIN, "Content-Type": "application/octet-stream"})
+        except Exception:  # the body generator's error ends the request on our side
+            pass
+
+    first = threading.Thread(target=upload)
     first.start()
-    deadline = time.monotonic() + 30
-    while not httpx.get(f"{server.url}/v1/admin/weights", headers=ADMIN).json()["updating"]:
-        assert time.monotonic() < deadline, "the first swap never started"
-        time.sleep(0.02)
-    second = swap(server.url, "new")
-    open(held / "model.safetensors", "wb").close()  # waits for the reader, then lets go
-    first.join(60)
+    try:
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{server.url}/v1/admin/weights", headers=ADMIN).json()["updating"]:
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.02)
+        second = swap(server.url, "new")
+    finally:
+        release.set()
+        first.join(60)
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "weight_update_in_progress"
-    assert results["first"].status_code == 400  # "held" is refused once read
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/v1/admin/weights", headers=ADMIN).json()["updating"]:
+        assert time.monotonic() < deadline, "the abandoned upload kept the lock"
+        time.sleep(0.02)
     assert served_version(server.url) == "0"
 
 
