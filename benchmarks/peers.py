@@ -41,8 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SYSTEMS = ("e3rl", "hf", "vllm", "llamacpp")
-LABELS = {"e3rl": "e3rl engine (bf16)", "hf": "HF generate, static batch 32 (bf16)",
-          "vllm": "vLLM CPU (bf16)", "llamacpp": "llama-server (bf16 GGUF)"}
+LABELS = {"e3rl": "e3rl engine", "hf": "HF generate, static batch 32",
+          "vllm": "vLLM CPU", "llamacpp": "llama-server"}
 MARK = "@@PEERS@@"  # prefix of the vLLM worker's protocol lines on its stdout
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -87,41 +87,29 @@ def check_counts(name: str, outs: list[list[int]], output_lens: list[int]) -> No
         raise CountMismatch(f"{name}: wrong output token counts (request, got, wanted): {bad}")
 
 
-def tree_pids(pids) -> list[int]:
-    import psutil
-
-    out = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            out += [pid, *(c.pid for c in proc.children(recursive=True))]
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def load_monitor(*pids: int):
-    """``common.LoadMonitor`` counting the given processes *and their children* as ours (vLLM
-    runs its engine core in a child process), so "other load" is the rest of the machine."""
-    import psutil
+    """``common.LoadMonitor``: CPU used by processes other than this one, ``pids`` and their
+    children (vLLM runs its engine core and worker as child processes)."""
     from common import LoadMonitor
 
-    class TreeLoadMonitor(LoadMonitor):
-        def __enter__(self):
-            self.pids = list(dict.fromkeys(tree_pids(self.pids)))
-            return super().__enter__()
+    return LoadMonitor(*pids)
 
-        def _ours(self) -> float:
-            total = 0.0
-            for pid in self.pids:
-                try:
-                    t = psutil.Process(pid).cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-            return total
 
-    return TreeLoadMonitor(*pids)
+QUIET_WAIT_S = 0.0  # --quiet-wait
+
+
+def wait_quiet(*pids: int, threshold: float = 0.10, window_s: float = 5.0) -> None:
+    """Before a timed run, wait up to ``QUIET_WAIT_S`` seconds for other processes to use under
+    ``threshold`` of the machine (measured over ``window_s``); the run starts anyway after that."""
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while time.monotonic() < deadline:
+        with load_monitor(*pids) as probe:
+            time.sleep(window_s)
+        if probe.other_share < threshold:
+            return
+    if QUIET_WAIT_S:
+        print(f"  (machine not quiet after waiting {QUIET_WAIT_S:.0f} s; running anyway)",
+              flush=True)
 
 
 def run_record(wall: float, outs, work, load, reference=None) -> dict:
@@ -134,7 +122,8 @@ def run_record(wall: float, outs, work, load, reference=None) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     tps = [r["tok_per_s"] for r in runs]
-    return {"tok_per_s": statistics.median(tps), "wall_s": statistics.median(r["wall_s"] for r in runs),
+    return {"tok_per_s": statistics.median(tps), "best_tok_per_s": max(tps),
+            "wall_s": statistics.median(r["wall_s"] for r in runs),
             "other_load_max": max(r["other_load"] for r in runs), "runs": runs}
 
 
@@ -148,6 +137,7 @@ def bench_e3rl(path, work, repeat: int) -> tuple[dict, list]:
     startup = time.perf_counter() - t0
     runs, outs = [], None
     for _ in range(repeat):
+        wait_quiet()
         with load_monitor() as load:
             wall, outs = run_engine(llm, work)
         check_counts("e3rl", outs, work.output_lens)
@@ -169,6 +159,7 @@ def bench_hf(path, work, repeat: int, reference) -> dict:
     startup = time.perf_counter() - t0
     runs = []
     for _ in range(repeat):
+        wait_quiet()
         with load_monitor() as load:
             wall, outs = run_hf_static(model, work, 32)
         check_counts("hf", outs, work.output_lens)
@@ -204,10 +195,14 @@ def vllm_worker(spec_path: str) -> None:
     for line in sys.stdin:
         if line.strip() != "GO":
             break
+        # vLLM keeps prefix caching on (its default; random prompts share no prefix within a
+        # run), but a repeat must not reuse the previous run's prompt blocks: e3rl's prefix
+        # cache is off and llama-server gets cache_prompt false.
+        reset = llm.reset_prefix_cache()
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t
-        result["runs"].append({"wall_s": wall,
+        result["runs"].append({"wall_s": wall, "prefix_cache_reset": reset,
                                "token_ids": [list(o.outputs[0].token_ids) for o in outs]})
         Path(spec["result"]).write_text(json.dumps(result))
         print(f"{MARK} DONE", flush=True)
@@ -282,6 +277,7 @@ def run_vllm_config(name: str, cfg: dict, path, work, repeat: int, reference,
         startup_wall = time.perf_counter() - t0
         runs = []
         for k in range(repeat):
+            wait_quiet(proc.pid)
             with load_monitor(proc.pid) as load:
                 proc.stdin.write("GO\n")
                 proc.stdin.flush()
@@ -290,6 +286,7 @@ def run_vllm_config(name: str, cfg: dict, path, work, repeat: int, reference,
             wall, outs = res["runs"][-1]["wall_s"], res["runs"][-1]["token_ids"]
             check_counts(f"vLLM {name}", outs, work.output_lens)
             runs.append(run_record(wall, outs, work, load, reference))
+            runs[-1]["prefix_cache_reset"] = res["runs"][-1]["prefix_cache_reset"]
             print(f"  vLLM {name}: {runs[-1]['tok_per_s']:.1f} tok/s ({wall:.1f} s, "
                   f"{load.note()}; start-up {res['startup_s']:.0f} s)", flush=True)
         proc.stdin.close()
@@ -454,6 +451,7 @@ def bench_llamacpp(path, work, repeat: int, reference, log_stem: Path) -> dict:
             llama_generate(url, [WARMUP_PROMPT], [4])
             runs = []
             for _ in range(repeat):
+                wait_quiet(proc.pid)
                 with load_monitor(proc.pid) as load:
                     wall, outs = llama_generate(url, work.prompts, work.output_lens)
                 check_counts(f"llama-server {name}", outs, work.output_lens)
@@ -479,17 +477,63 @@ def bench_llamacpp(path, work, repeat: int, reference, log_stem: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ main
 
+def print_table(results: dict, systems) -> None:
+    """tok/s median and best over the repeats, and e3rl's ratio to each peer on both (the best
+    run is the warm one: vLLM's first ``generate`` after start-up is its slowest); the ratios
+    are also stored in ``results``."""
+    e3 = results.get("e3rl", {})
+    print(f"\n{'system (all bf16)':<36} {'tok/s med':>9} {'best':>7} {'start-up s':>10} "
+          f"{'e3rl/peer med':>13} {'best':>6}  other load (max)")
+    for name in systems:
+        r = results[name]
+        if "unavailable" in r:
+            print(f"{LABELS[name]:<36} cannot run here: {r['unavailable']}")
+            continue
+        entries = [(LABELS[name], r)]
+        if "configs" in r:
+            short = {"vllm": "", "llamacpp": "-"}[name]
+            entries += [(f"  {short}{k}{' *' if k == r['best_config'] else ''}", c)
+                        for k, c in r["configs"].items()]
+        for label, c in entries:
+            if "failed" in c:
+                print(f"{label:<36} FAILED: {c['failed'][:200]}")
+                continue
+            if c is r and "configs" in r:
+                label += ", best config (*)"
+            med = statistics.median(x["tok_per_s"] for x in c["runs"])
+            best = max(x["tok_per_s"] for x in c["runs"])
+            ratios = ""
+            if name != "e3rl" and "runs" in e3:
+                e3_med = statistics.median(x["tok_per_s"] for x in e3["runs"])
+                e3_best = max(x["tok_per_s"] for x in e3["runs"])
+                c["e3rl_over_peer"] = e3_med / med
+                c["e3rl_over_peer_best"] = e3_best / best
+                ratios = f"{e3_med / med:12.2f}x {e3_best / best:5.2f}x"
+            else:
+                ratios = f"{'-':>13} {'-':>6}"
+            print(f"{label:<36} {med:9.1f} {best:7.1f} {c['startup_s']:10.1f} {ratios}  "
+                  f"{100 * c['other_load_max']:.0f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per system (median)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, help="before each timed run, "
+                        "wait up to this many seconds for other load under 10%% (default 0)")
     parser.add_argument("--num-requests", type=int, default=32,
                         help="requests in the workload (32; smaller only for quick checks)")
+    parser.add_argument("--table", type=Path, help="only print the table of a saved --out JSON")
     parser.add_argument("--vllm-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_worker:
         return vllm_worker(args.vllm_worker)
+    if args.table:
+        saved = json.loads(args.table.read_text())["results"]
+        return print_table(saved, [k for k in SYSTEMS if k in saved])
+    global QUIET_WAIT_S
+    QUIET_WAIT_S = args.quiet_wait
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -533,30 +577,7 @@ def main() -> None:
             results[name] = {"unavailable": str(exc)}
         gc.collect()
 
-    e3 = results.get("e3rl", {}).get("tok_per_s")
-    print(f"\n{'system':<44} {'tok/s':>8} {'wall s':>7} {'start-up s':>10} {'e3rl/peer':>9}  "
-          f"other load")
-    for name in systems:
-        r = results[name]
-        if "unavailable" in r:
-            print(f"{LABELS[name]:<44} cannot run here: {r['unavailable']}")
-            continue
-        if name != "e3rl" and e3:
-            r["e3rl_over_peer"] = e3 / r["tok_per_s"]
-        entries = [(LABELS[name], r)]
-        if "configs" in r:
-            short = {"vllm": "vLLM ", "llamacpp": "llama-server -"}[name]
-            entries = [(f"{short}{k}{' (best)' if k == r['best_config'] else ''}", c)
-                       for k, c in r["configs"].items()]
-        for label, c in entries:
-            if "failed" in c:
-                print(f"{label:<44} FAILED: {c['failed'][:200]}")
-                continue
-            ratio = e3 / c["tok_per_s"] if e3 and name != "e3rl" else None
-            if ratio:
-                c["e3rl_over_peer"] = ratio
-            print(f"{label:<44} {c['tok_per_s']:8.1f} {c['wall_s']:7.1f} {c['startup_s']:10.1f} "
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>9}  {100 * c['other_load_max']:.0f}%")
+    print_table(results, systems)
     if args.out:
         args.out.write_text(json.dumps({
             "started": started.isoformat(timespec="seconds"),
@@ -568,6 +589,7 @@ def main() -> None:
                         "python": platform.python_version()},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "glibc_malloc_tuned_in_main_process": tuned, "repeat": args.repeat,
+            "quiet_wait_s": args.quiet_wait,
             "results": results,
         }, indent=1))
         print(f"wrote {args.out}")
