@@ -81,30 +81,39 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers' attention interface: ``query`` ``[1, H, T, D]``, ``key``/``value``
+    ``[1, Hkv, T, D]``; returns ``([1, T, H, D], None)``."""
     meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
     if meta is None:
         raise RuntimeError("paged attention called without e3rl attention metadata; "
                            "this model instance is owned by the e3rl engine")
+    out = attend(meta, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                 value[0].transpose(0, 1), scaling)
+    return out.unsqueeze(0), None
+
+
+def attend(meta: AttentionMetadata, layer_idx: int, q: torch.Tensor, k_new: torch.Tensor,
+           v_new: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """One layer's paged attention over the packed batch: writes this step's K/V
+    (``k_new``/``v_new``: ``[T, Hkv, D]``) into the pool at ``meta.slot_mapping`` and attends
+    each sequence's queries (``q``: ``[T, H, D]``, any strides) over that sequence's blocks.
+    Returns ``[T, H, D]``."""
     meta.num_calls += 1
-    k_cache, v_cache = meta.kv_cache.layer(module.layer_idx)
+    k_cache, v_cache = meta.kv_cache.layer(layer_idx)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if key.shape[1] != num_kv_heads or key.shape[3] != head_dim:
-        raise RuntimeError(f"layer {module.layer_idx}: key shape {tuple(key.shape)} does not "
+    if k_new.shape[1] != num_kv_heads or k_new.shape[2] != head_dim:
+        raise RuntimeError(f"layer {layer_idx}: key shape {tuple(k_new.shape)} does not "
                            f"match the KV pool ({num_kv_heads} heads x {head_dim})")
-    q = query[0]  # [H, T, D]
-    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v_new = value[0].transpose(0, 1)
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k_new)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v_new)
-    gqa = q.shape[0] != num_kv_heads
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
+    gqa = q.shape[1] != num_kv_heads
+    out = q.new_empty(q.shape)  # [T, H, D]
 
     if meta.native_decode is not None:
         d = meta.native_decode
         kernels.paged_decode_attention(
-            out[d.start:d.end], q[:, d.start:d.end].transpose(0, 1).contiguous(), k_cache,
-            v_cache, d.block_tables, d.context_lens,
-            scaling if scaling is not None else head_dim ** -0.5)
+            out[d.start:d.end], q[d.start:d.end].contiguous(), k_cache, v_cache,
+            d.block_tables, d.context_lens, scaling if scaling is not None else head_dim ** -0.5)
     for group in meta.decodes:
         kd = _gather(k_cache, group.block_tables)  # [n, Hkv, L, D]
         vd = _gather(v_cache, group.block_tables)
@@ -115,14 +124,14 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         # One query token per sequence: the query heads that share a KV head become the
         # "query positions" of that head ([n, Hkv, H / Hkv, D]), so grouped-query attention
         # needs no head expansion (SDPA's enable_gqa path copies the gathered K/V).
-        qd = q[:, group.start:group.end].transpose(0, 1).reshape(n, num_kv_heads, -1, head_dim)
+        qd = q[group.start:group.end].reshape(n, num_kv_heads, -1, head_dim)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling)
         out[group.start:group.end] = od.reshape(n, -1, head_dim)  # [n, H, D]
     for chunk in meta.prefills:
-        qp = q[:, chunk.start:chunk.end].unsqueeze(0)  # [1, H, t, D]
+        qp = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, t, D]
         if chunk.num_cached == 0:
-            kp = key[:, :, chunk.start:chunk.end]  # [1, Hkv, t, D]
-            vp = value[:, :, chunk.start:chunk.end]
+            kp = k_new[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, t, D]
+            vp = v_new[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling,
                                                 enable_gqa=gqa)
         else:
@@ -133,7 +142,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scaling,
                                                 enable_gqa=gqa)
         out[chunk.start:chunk.end] = op[0].transpose(0, 1)
-    return out.unsqueeze(0), None  # [1, T, H, D]
+    return out
 
 
 def register() -> None:

@@ -26,6 +26,12 @@ class EngineConfig:
     # pool), "sdpa" = torch SDPA over gathered blocks (any device), "auto" = native on CPU
     # when it builds (a warning says why not), sdpa elsewhere.
     attention_backend: str = "auto"
+    # The model's forward: "e3rl" = e3rl's own forward of Llama-family models (Llama,
+    # Mistral, Qwen2, Qwen3) on CPU in bf16 (``native_model``: fused native passes around
+    # prepacked projections; checked against transformers' forward at load), "transformers"
+    # = the transformers modules, "auto" = e3rl's where it applies (CPU, bf16, a listed
+    # family, native kernels built), transformers' elsewhere.
+    model_impl: str = "auto"
     # Automatic prefix caching: full KV blocks are indexed by a hash of their whole prefix
     # (and the weights version); a request reuses the cached blocks of its longest cached
     # prefix and computes only the rest; freed cached blocks stay reusable until evicted
@@ -44,6 +50,9 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "native", "sdpa"):
             raise ValueError("attention_backend must be auto, native or sdpa, not "
                              f"{self.attention_backend!r}")
+        if self.model_impl not in ("auto", "e3rl", "transformers"):
+            raise ValueError("model_impl must be auto, e3rl or transformers, not "
+                             f"{self.model_impl!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

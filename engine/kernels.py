@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp")]
+            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp", "fused.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
@@ -157,6 +157,27 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-family RMSNorm in one pass (float32 inside, rounded as it does)."""
     return torch.ops.e3rl.rms_norm(x, weight, eps)
+
+
+def add_rms_norm_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """``residual += x`` (rounded to its dtype, in place), then ``rms_norm(residual)``: a
+    decoder layer's residual add and the next norm in one pass."""
+    return torch.ops.e3rl.add_rms_norm_(residual, x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with transformers' roundings (the gated MLP's middle)."""
+    return torch.ops.e3rl.silu_mul(gate, up)
+
+
+def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                  k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float) -> None:
+    """In place on ``q`` ``[T, H, D]`` and ``k`` ``[T, Hkv, D]``: per-head RMSNorm (when the
+    weights are given, Qwen3's q_norm/k_norm), then the rotary embedding with ``cos``/``sin``
+    ``[T, D]`` (transformers' ``apply_rotary_pos_emb``)."""
+    torch.ops.e3rl.qk_norm_rope_(q, k, q_weight, k_weight, cos, sin, eps)
 
 
 def prebuild(isas: list[str]) -> list[Path]:

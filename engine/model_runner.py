@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, cpu_model, kernels
+from . import attention, cpu_model, kernels, native_model
 from .attention import AttentionMetadata, DecodeGroup, NativeDecode, PrefillChunk
 from .config import EngineConfig
 from .errors import ModelNotSupported
@@ -162,6 +162,8 @@ class ModelRunner:
                     self.device, num_blocks, block_size, self.kv_cache.nbytes / 2**20,
                     self.attention_backend)
         self._check_attention_routing(num_layers)
+        self.native_forward = self._native_forward(config.model_impl)
+        self.model_impl = "e3rl" if self.native_forward is not None else "transformers"
 
     def _optimize_for_cpu(self) -> cpu_model.FastPaths:
         """bf16 on CPU: prepacked, shared and fused forwards (``cpu_model``). Not for
@@ -169,6 +171,57 @@ class ModelRunner:
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return cpu_model.FastPaths()
         return cpu_model.optimize(self.model)
+
+    def _native_forward(self, model_impl: str) -> native_model.NativeForward | None:
+        """e3rl's own forward when ``model_impl`` asks for it and it applies (checked against
+        transformers' forward on a random prompt); None for transformers' forward."""
+        if model_impl == "transformers":
+            return None
+        try:
+            if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+                raise native_model.NotSupported(f"it runs on CPU in bfloat16, not on "
+                                                f"{self.device.type} in {self.dtype}")
+            forward = native_model.NativeForward(self.model)
+            self._check_native_forward(forward)
+        except native_model.NotSupported as exc:
+            if model_impl == "e3rl":
+                raise ModelNotSupported(f"model_impl e3rl: {exc}") from None
+            log = logger.warning if isinstance(exc, native_model.Mismatch) else logger.info
+            log("transformers' forward (e3rl's own does not apply: %s)", exc)
+            return None
+        logger.info("e3rl's own forward of %s", type(self.model).__name__)
+        return forward
+
+    def _check_native_forward(self, forward: native_model.NativeForward) -> None:
+        """Logits of a random 8-token prompt from both forwards must agree to bf16 precision
+        (a model whose modules look like the family's but compute something else is refused).
+        Writes K/V into the first block of the pool, which holds nothing yet."""
+        n = min(8, self.kv_cache.num_blocks * self.kv_cache.block_size)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.vocab_size, (n,), generator=generator).to(self.device)
+        pos = torch.arange(n, device=self.device)
+        keep = torch.arange(n, device=self.device)
+        results = []
+        for native in (False, True):
+            meta = AttentionMetadata(kv_cache=self.kv_cache, slot_mapping=pos,
+                                     prefills=[PrefillChunk(0, n, 0)])
+            with torch.inference_mode():
+                if native:
+                    try:
+                        logits = forward(ids, pos, keep, meta)
+                    except RuntimeError as exc:  # a shape the native passes refuse
+                        raise native_model.Mismatch(f"it failed: {exc}") from exc
+                else:
+                    logits = self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n),
+                                        use_cache=False, logits_to_keep=keep,
+                                        **{attention.METADATA_KWARG: meta}).logits[0]
+            results.append(logits.float())
+        ref, got = results
+        err = (got - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        if not err <= 0.03 * scale:  # bf16 rounding differences stay far below this
+            raise native_model.Mismatch(f"its logits differ from transformers' by {err:.3g} "
+                                        f"(scale {scale:.3g})")
 
     def weights_changed(self) -> None:
         """The model's parameters were written in place: refresh derived copies."""
@@ -253,10 +306,13 @@ class ModelRunner:
                 meta.native_decode = NativeDecode(0, len(decode_tables), tables_t, lens_t)
             else:
                 meta.decodes = self._decode_groups(decode_tables, tables_t, decode_lens)
-        out = self.model(input_ids=ids.view(1, num_tokens), position_ids=pos.view(1, num_tokens),
-                         use_cache=False, logits_to_keep=keep_t,
-                         **{attention.METADATA_KWARG: meta})
-        return ModelRunnerOutput(out.logits[0].float(), sample_rows, prompt_rows)
+        if self.native_forward is not None:
+            logits = self.native_forward(ids, pos, keep_t, meta)
+        else:
+            logits = self.model(input_ids=ids.view(1, num_tokens),
+                                position_ids=pos.view(1, num_tokens), use_cache=False,
+                                logits_to_keep=keep_t, **{attention.METADATA_KWARG: meta}).logits[0]
+        return ModelRunnerOutput(logits.float(), sample_rows, prompt_rows)
 
     def _long_tensors(self, *parts: list[int]) -> list[torch.Tensor]:
         """1-D int64 tensors of ``parts`` on the device, all views of one buffer: one

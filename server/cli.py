@@ -44,6 +44,7 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--num-threads", "num_threads", int, "torch CPU threads (default: cores - 1)"),
     ("--seed", "seed", int, "seed of unseeded requests' random streams"),
     ("--attention-backend", "attention_backend", str, "decode attention: auto | native | sdpa"),
+    ("--model-impl", "model_impl", str, "the model's forward: auto | e3rl | transformers"),
     ("--admin-port", "admin_port", int, "serve the admin and trajectory routes (and /health) "
      "on this second port only; the main port answers them 404 (default: one port)"),
     ("--drain-timeout-s", "drain_timeout_s", float, "on SIGTERM: how long running requests "

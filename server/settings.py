@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="seed of the random streams of unseeded requests")
     attention_backend: Literal["auto", "native", "sdpa"] = Field("auto", description="decode attention: auto | native | "
                                    "sdpa (native: e3rl's C++ paged kernel, CPU only)")
+    model_impl: Literal["auto", "e3rl", "transformers"] = Field(
+        "auto", description="the model's forward: auto | e3rl | transformers (e3rl: its own "
+        "forward of Llama-family models on CPU in bf16; auto: e3rl's where it applies)")
     enable_prefix_caching: bool = Field(False, description="automatic prefix caching: reuse "
                                         "the KV blocks of a cached prompt prefix (off by "
                                         "default; see README 'Prefix caching')")
@@ -209,6 +212,6 @@ class Settings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, max_waiting=self.max_waiting,
             num_threads=self.num_threads or default_num_threads(), seed=self.seed,
-            attention_backend=self.attention_backend,
+            attention_backend=self.attention_backend, model_impl=self.model_impl,
             enable_prefix_caching=self.enable_prefix_caching,
             served_model_name=self.model_name)

@@ -480,7 +480,8 @@ def test_trainer_args_are_exactly_the_follow_flags_the_chart_leaves_open():
 
 
 SAMPLES = {"integer": 3, "number": 0.25, "string": "x", "boolean": True, "object": {"enabled": False}}
-SPECIAL = {"dtype": "bfloat16", "attention-backend": "sdpa", "log-level": "warning",
+SPECIAL = {"dtype": "bfloat16", "attention-backend": "sdpa", "model-impl": "transformers",
+           "log-level": "warning",
            "store": "erasures", "store-synchronous": "NORMAL", "signals": "rewards",
            "max-request-bytes": 4096, "max-model-len": 64, "min-entropy-ratio": 0.5,
            "baseline-momentum": 0.5, "consumer": "trainer-b", "gate-data": "arith-chain:validation",

@@ -1,0 +1,200 @@
+"""e3rl's own forward of Llama-family models (``engine/native_model.py``) and its fused
+kernels: each kernel equals transformers' op sequence, the whole forward equals transformers'
+forward on mixed prefill/decode steps, unsupported models fall back (or are refused when asked
+for explicitly), and weight updates reach it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from e3rl.engine import LLM, SamplingParams, kernels
+from e3rl.engine.config import EngineConfig
+from e3rl.engine.errors import ModelNotSupported
+from e3rl.engine.model_factory import build_random_model
+from e3rl.engine.model_runner import ModelRunner
+from e3rl.engine.scheduler import ScheduledSequence, SchedulerOutput
+from e3rl.engine.sampling_params import SamplingParams as Params
+from e3rl.engine.sequence import Sequence
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    kernels.load_cpu_kernels()
+
+
+def _bf16(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2).to(torch.bfloat16)
+
+
+def _hf_rms_norm(x, weight, eps):  # transformers' Llama-family RMSNorm, op for op
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 64), (37, 768), (5, 100)])
+def test_add_rms_norm_equals_add_then_norm(rows, width):
+    residual, x, w = _bf16((rows, width), 0), _bf16((rows, width), 1), _bf16((width,), 2)
+    expected_sum = residual + x
+    expected = _hf_rms_norm(expected_sum, w, 1e-6)
+    out = kernels.add_rms_norm_(residual, x, w, 1e-6)
+    assert torch.equal(residual, expected_sum)  # the residual is updated in place
+    # the sum of squares is ordered differently: at most one bf16 ulp, on few elements
+    assert torch.allclose(out.float(), expected.float(), rtol=8e-3, atol=0)
+    assert (out != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows,width", [(1, 128), (33, 2048), (3, 70)])
+def test_silu_mul_equals_transformers_mlp_middle(rows, width):
+    gate, up = _bf16((rows, width), 3), _bf16((rows, width), 4)
+    expected = F.silu(gate) * up
+    out = kernels.silu_mul(gate, up)
+    assert torch.allclose(out.float(), expected.float(), rtol=8e-3, atol=0)
+    assert (out != expected).float().mean() < 0.01
+
+
+def _rope_tables(tokens, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 500, (tokens,), generator=g).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3-qk-norm", "llama"])
+def test_qk_norm_rope_equals_transformers(with_norm):
+    tokens, hq, hk, d = 9, 6, 2, 64
+    q, k = _bf16((tokens, hq * d), 5), _bf16((tokens, hk * d), 6)
+    qw, kw = (_bf16((d,), 7), _bf16((d,), 8)) if with_norm else (None, None)
+    cos, sin = _rope_tables(tokens, d, 9)
+    q4, k4 = q.view(1, tokens, hq, d), k.view(1, tokens, hk, d)
+    if with_norm:
+        q4, k4 = _hf_rms_norm(q4, qw, 1e-6), _hf_rms_norm(k4, kw, 1e-6)
+    eq, ek = apply_rotary_pos_emb(q4.transpose(1, 2), k4.transpose(1, 2), cos[None], sin[None])
+    qv, kv = q.view(tokens, hq, d), k.view(tokens, hk, d)
+    kernels.qk_norm_rope_(qv, kv, qw, kw, cos, sin, 1e-6)
+    for got, want in ((qv, eq[0].transpose(0, 1)), (kv, ek[0].transpose(0, 1))):
+        if with_norm:  # the norm's sum of squares: rare one-ulp differences, then rotated
+            assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            assert (got != want).float().mean() < 0.02
+        else:
+            assert torch.equal(got, want)
+
+
+def test_qk_norm_rope_refuses_bad_layouts():
+    q, k = _bf16((4, 2, 8), 0), _bf16((4, 1, 8), 1)
+    cos, sin = _rope_tables(4, 8, 2)
+    with pytest.raises(RuntimeError, match="cos/sin must be"):
+        kernels.qk_norm_rope_(q, k, None, None, cos[:3], sin[:3], 1e-6)
+    with pytest.raises(RuntimeError, match="heads must be contiguous"):
+        kernels.qk_norm_rope_(_bf16((4, 8, 2), 4).transpose(1, 2), k, None, None, cos, sin, 1e-6)
+    with pytest.raises(RuntimeError, match="both norm weights or neither"):
+        kernels.qk_norm_rope_(q, k, _bf16((8,), 3), None, cos, sin, 1e-6)
+
+
+def _runner(path, impl, **overrides):
+    return ModelRunner(EngineConfig(model=str(path), dtype="bfloat16", num_kv_blocks=64,
+                                    model_impl=impl, **overrides))
+
+
+def _mixed_step(runner, seed):
+    """Three sequences already holding context (decode) and two new prompts (prefill), one
+    of them a second chunk: every attention path of a step."""
+    g = torch.Generator().manual_seed(seed)
+    bs, vocab = runner.kv_cache.block_size, runner.vocab_size
+    items, next_block = [], 1
+    for cached, new in ((40, 1), (17, 1), (70, 1), (0, 23), (32, 9)):
+        total = cached + new
+        ids = torch.randint(4, vocab, (total,), generator=g).tolist()
+        seq = Sequence(len(items), f"r{len(items)}", 0, ids, Params(max_tokens=4), None, None)
+        n_blocks = -(-total // bs)
+        seq.block_table = list(range(next_block, next_block + n_blocks))
+        next_block += n_blocks
+        seq.num_computed_tokens = cached
+        items.append(ScheduledSequence(seq, new))
+    return SchedulerOutput(items)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "mistral"])
+def test_native_forward_equals_transformers_forward(tiny_model_dirs, arch):
+    """Same steps (the context written by a first pass of each) through both forwards."""
+    native, hf = _runner(tiny_model_dirs[arch], "e3rl"), _runner(tiny_model_dirs[arch],
+                                                                  "transformers")
+    assert native.model_impl == "e3rl" and hf.model_impl == "transformers"
+    for runner in (native, hf):  # fill the cached prefixes the step attends over
+        prefix = _mixed_step(runner, seed=1)
+        for item in prefix.scheduled:
+            item.num_new_tokens += item.seq.num_computed_tokens
+            item.seq.num_computed_tokens = 0
+        runner.execute(prefix)
+    a, b = native.execute(_mixed_step(native, 1)), hf.execute(_mixed_step(hf, 1))
+    assert a.sample_rows == b.sample_rows
+    scale = b.logits.abs().max()
+    assert (a.logits - b.logits).abs().max() <= 0.02 * scale
+    assert torch.equal(a.logits.argmax(-1), b.logits.argmax(-1))
+
+
+def test_engine_greedy_and_logprobs_match_transformers_forward(tiny_model_dirs):
+    prompts = [[5 + (7 * i + j) % 90 for j in range(10 + 13 * i)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {impl: LLM(tiny_model_dirs["qwen3"], dtype="bfloat16", num_kv_blocks=64,
+                      model_impl=impl).generate(prompts, params, use_tqdm=False)
+            for impl in ("e3rl", "transformers")}
+    agree = 0
+    for a, b in zip(outs["e3rl"], outs["transformers"]):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        first_diff = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+        agree += first_diff == len(ta)
+        # up to the first near-tie both forwards chose the same tokens with ~equal log-probs
+        assert a.outputs[0].logprobs[:first_diff] == pytest.approx(
+            b.outputs[0].logprobs[:first_diff], abs=0.05)
+    assert agree >= 3
+
+
+def test_auto_uses_native_forward_only_where_it_applies(tiny_model_dirs, tmp_path):
+    assert _runner(tiny_model_dirs["qwen3"], "auto").model_impl == "e3rl"
+    fp32 = ModelRunner(EngineConfig(model=str(tiny_model_dirs["qwen3"]), dtype="float32",
+                                    num_kv_blocks=64))
+    assert fp32.model_impl == "transformers"  # fp32 stays token-identical to transformers
+    gemma = build_random_model(tmp_path / "gemma", dict(
+        model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256), seed=0)
+    assert _runner(gemma, "auto").model_impl == "transformers"
+    with pytest.raises(ModelNotSupported, match="model_impl e3rl: GemmaForCausalLM"):
+        _runner(gemma, "e3rl")
+    with pytest.raises(ModelNotSupported, match="CPU in bfloat16"):
+        ModelRunner(EngineConfig(model=str(tiny_model_dirs["qwen3"]), dtype="float32",
+                                 num_kv_blocks=64, model_impl="e3rl"))
+
+
+def test_a_model_that_computes_differently_is_refused(tiny_model_dirs, monkeypatch):
+    """Modules that look like the family's but compute something else fail the load-time
+    check: auto falls back to transformers' forward, e3rl is refused."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    original = modeling_qwen3.Qwen3MLP.forward
+    monkeypatch.setattr(modeling_qwen3.Qwen3MLP, "forward",
+                        lambda self, x: original(self, x) * 2)
+    assert _runner(tiny_model_dirs["qwen3"], "auto").model_impl == "transformers"
+    with pytest.raises(ModelNotSupported, match="differ from transformers'"):
+        _runner(tiny_model_dirs["qwen3"], "e3rl")
+
+
+def test_weight_update_reaches_native_forward(tmp_path):
+    config = dict(model_type="qwen3", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=256)
+    first = build_random_model(tmp_path / "a", config, seed=1, dtype=torch.bfloat16)
+    second = build_random_model(tmp_path / "b", config, seed=2, dtype=torch.bfloat16)
+    prompts = [[5 + (3 * i + j) % 50 for j in range(12)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(first, dtype="bfloat16", num_kv_blocks=64)
+    assert llm.engine.runner.model_impl == "e3rl"
+    llm.update_weights(second, "v2")
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    fresh = LLM(second, dtype="bfloat16", num_kv_blocks=64)
+    want = [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
+    assert got == want
