@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp", "fused.cpp")]
+            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp", "fused.cpp", "gemm.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
@@ -36,12 +36,16 @@ class KernelBuildError(RuntimeError):
 
 # Instruction sets the kernels are built for: compiler flags, and the CPU flags they need.
 ISA_FLAGS = {
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+                   "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }
-_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+_ISA_NEEDS = {"avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+                              "fma"},
+              "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
               "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 
 
@@ -145,13 +149,17 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> None:
-    """``out[s] = attention(query[s], the first context_lens[s] tokens of sequence s)``.
+                           context_lens: torch.Tensor, scale: float,
+                           row_tables: torch.Tensor | None = None) -> None:
+    """``out[s] = attention(query[s], the first context_lens[s] tokens of row s's sequence)``.
 
     ``query``/``out``: ``[n, H, D]``; caches: ``[num_blocks, block_size, Hkv, D]``;
-    ``block_tables``: int64 ``[n, max_blocks]``; ``context_lens``: int64 ``[n]``."""
+    ``block_tables``: int64 ``[S, max_blocks]``; ``context_lens``: int64 ``[n]``. Row s reads
+    through ``block_tables[row_tables[s]]`` (int64 ``[n]``), or ``block_tables[s]`` without
+    ``row_tables`` (then ``S == n``: one decode token per sequence). The rows of a prefill
+    chunk share their sequence's table, each with context ``position + 1`` (causal)."""
     torch.ops.e3rl.paged_decode_attention(out, query, k_cache, v_cache, block_tables,
-                                          context_lens, scale)
+                                          context_lens, scale, row_tables)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,6 +186,22 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | Non
     weights are given, Qwen3's q_norm/k_norm), then the rotary embedding with ``cos``/``sin``
     ``[T, D]`` (transformers' ``apply_rotary_pos_emb``)."""
     torch.ops.e3rl.qk_norm_rope_(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def gemm_available() -> bool:
+    """Whether this build has the AVX512_BF16 few-rows product (``small_gemm``)."""
+    return bool(torch.ops.e3rl.gemm_available())
+
+
+def tile_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 ``[out, in]`` weight in ``small_gemm``'s layout (``out`` a multiple of 16)."""
+    return torch.ops.e3rl.tile_weight(weight)
+
+
+def small_gemm(x: torch.Tensor, tiled: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for bf16 ``x`` ``[rows, in]`` with few rows (decode steps), from
+    ``tile_weight(W)``: each weight tile is streamed once per 16 rows."""
+    return torch.ops.e3rl.small_gemm(x, tiled, bias)
 
 
 def prebuild(isas: list[str]) -> list[Path]:

@@ -139,7 +139,7 @@ class ModelRunner:
         ).to(self.device).eval()
         self.hf_config = self.model.config
         self.fast_paths = self._optimize_for_cpu()
-        if self.fast_paths.packed_linears:
+        if self.fast_paths.packed_linears or self.fast_paths.tiled_linears:
             logger.info("CPU bf16 fast paths: %s", self.fast_paths)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         num_layers = hf_config.num_hidden_layers

@@ -5,14 +5,14 @@ products: ~40 tensor ops per decoder layer (views, transposes, the rotary embedd
 and concatenations, separate casts of each RMSNorm, the residual adds), each dispatched from
 Python with its module's call machinery, plus the causal-mask set-up of every forward. This
 forward runs the same arithmetic over the packed ``[T, hidden]`` rows of a step with ~12 ops
-per layer: the oneDNN-prepacked projections of ``cpu_model``, and native passes
+per layer: ``cpu_model``'s projections (tiled or prepacked weights), and native passes
 (``kernels``) for residual add + RMSNorm, Qwen3's per-head q/k norms + rotary embedding, and
 SiLU-and-multiply, each with transformers' roundings. Attention is the engine's paged
 attention (``attention.attend``).
 
 It reads the weights of the transformers model it was built from at every call (parameters,
-and the packed copies that ``cpu_model.refresh`` re-derives), so weight updates need nothing
-more. ``build`` accepts only the families whose forward this is, module by module; the
+and the tiled or packed copies that ``cpu_model.refresh`` re-derives), so weight updates need
+nothing more. ``build`` accepts only the families whose forward this is, module by module; the
 engine checks its logits against transformers' forward once at load (``ModelRunner``).
 """
 
@@ -53,9 +53,13 @@ class _Layer:
     k_norm: torch.nn.Module | None
 
 
+def _fast(module) -> bool:
+    """An nn.Linear whose forward ``cpu_model`` switched (tiled or prepacked weight)."""
+    return hasattr(module, "e3rl_tiled_weight") or hasattr(module, "e3rl_packed_weight")
+
+
 def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, module.e3rl_packed_weight, module.bias,
-                                              "none", [], "")
+    return module.forward(x)  # cpu_model's forward, without nn.Module's call machinery
 
 
 def _norm_class(module, where: str) -> None:
@@ -87,9 +91,9 @@ class NativeForward:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
             linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-            if not all(hasattr(m, "e3rl_packed_weight") for m in linears):
-                raise NotSupported(f"layer {i}: projections are not the packed nn.Linear "
-                                   "layout (q/k/v/o, gate/up/down)")
+            if not all(_fast(m) for m in linears):
+                raise NotSupported(f"layer {i}: projections are not cpu_model's nn.Linear "
+                                   "(q/k/v/o, gate/up/down)")
             _norm_class(layer.input_layernorm, f"layer {i}'s input norm")
             _norm_class(layer.post_attention_layernorm, f"layer {i}'s post-attention norm")
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -100,8 +104,8 @@ class NativeForward:
                 _norm_class(k_norm, f"layer {i}'s k norm")
             self.layers.append(_Layer(attn, mlp, layer.input_layernorm,
                                       layer.post_attention_layernorm, q_norm, k_norm))
-        if not hasattr(model.lm_head, "e3rl_packed_weight"):
-            raise NotSupported("lm_head is not a packed nn.Linear")
+        if not _fast(model.lm_head):
+            raise NotSupported("lm_head is not cpu_model's nn.Linear")
         attn = self.layers[0].attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads

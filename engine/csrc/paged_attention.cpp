@@ -1,8 +1,11 @@
-// Paged decode attention for CPU: one query token per sequence, attending over that
-// sequence's K/V blocks straight from the pool (no gather copy), grouped-query aware.
+// Paged attention for CPU, one query row at a time: each row attends over its sequence's K/V
+// blocks straight from the pool (no gather copy), grouped-query aware.
 //
 //   out[s, h, :] = softmax(scale * q[s, h] . K_s^T) V_s   over the first context_lens[s]
-//   tokens of sequence s, whose token t lives in block block_tables[s, t / bs], row t % bs.
+//   tokens of row s's sequence, whose token t lives in block block_tables[r, t / bs], row
+//   t % bs, with r = row_tables[s] (or r = s without row_tables: one decode token per
+//   sequence). With row_tables the rows of a prefill chunk share their sequence's table and
+//   each attends causally (context_lens = its position + 1).
 //
 // Work is split over (sequence, KV head); the query heads sharing a KV head are computed
 // together so each K/V row is read once. Scores, softmax and accumulation are float32
@@ -15,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -200,10 +204,22 @@ bool pick_block_kernels(int64_t dim, int64_t group, ScoresFn<T>& scores, Accumul
 }
 #endif
 
+// Brings the rows of one block that a work item reads into the cache ahead of use: blocks
+// are scattered in the pool, and the hardware prefetcher does not cross into them.
+template <typename T>
+inline void prefetch_block(const T* base, int64_t nt, int64_t token_stride, int64_t row_bytes) {
+#if defined(__AVX512F__)
+  for (int64_t t = 0; t < nt; ++t) {
+    const char* row = reinterpret_cast<const char*>(base + t * token_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+  }
+#endif
+}
+
 template <typename T>
 void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                 const at::Tensor& context_lens, double scale) {
+                 const int64_t* row_tables, const at::Tensor& context_lens, double scale) {
   using Vec = at::vec::Vectorized<float>;
   const int64_t n = query.size(0), num_heads = query.size(1), dim = query.size(2);
   const int64_t bs = k_cache.size(1), num_kv_heads = k_cache.size(2);
@@ -237,15 +253,22 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
     for (int64_t w = lane; w < items; w += lanes) {
       const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
       const int64_t ctx = lens[s];
+      const int64_t* table = tables + (row_tables ? row_tables[s] : s) * max_blocks;
       to_float(q + (s * num_heads + h0 * group) * dim, qf.data(), item_heads * dim);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0; b * bs < ctx; ++b) {
-        const int64_t block = tables[s * max_blocks + b];
+        const int64_t block = table[b];
         const int64_t nt = std::min(bs, ctx - b * bs);
         const T* kb = k + block * block_stride + h0 * dim;
         const T* vb = v + block * block_stride + h0 * dim;
+        if ((b + 1) * bs < ctx) {
+          const int64_t next = table[b + 1], nt_next = std::min(bs, ctx - (b + 1) * bs);
+          const int64_t row_bytes = item_kv_heads * dim * static_cast<int64_t>(sizeof(T));
+          prefetch_block(k + next * block_stride + h0 * dim, nt_next, token_stride, row_bytes);
+          prefetch_block(v + next * block_stride + h0 * dim, nt_next, token_stride, row_bytes);
+        }
         if (fast_scores) {
           for (int64_t hh = 0; hh < item_kv_heads; ++hh)
             fast_scores(qf.data() + hh * group * dim, kb + hh * dim, token_stride, nt, bs, fscale,
@@ -310,15 +333,22 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& context_lens, double scale,
+                            const std::optional<at::Tensor>& row_tables) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [n, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be [blocks, block_size, Hkv, D]");
   TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) &&
-                  block_tables.scalar_type() == at::kLong,
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong &&
+                  (row_tables.has_value() || block_tables.size(0) == query.size(0)),
               "block_tables must be int64 [n, max_blocks]");
+  if (row_tables.has_value()) {
+    TORCH_CHECK(row_tables->dim() == 1 && row_tables->size(0) == query.size(0) &&
+                    row_tables->scalar_type() == at::kLong && row_tables->is_contiguous() &&
+                    row_tables->device().is_cpu(),
+                "row_tables must be contiguous int64 [n] on CPU");
+  }
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == query.size(0) &&
                   context_lens.scalar_type() == at::kLong,
               "context_lens must be int64 [n]");
@@ -331,18 +361,27 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* rows = row_tables.has_value() ? row_tables->data_ptr<int64_t>() : nullptr;
+  // Each table is checked once, up to the longest context read through it.
+  std::vector<int64_t> reach(block_tables.size(0), 0);
   for (int64_t s = 0; s < query.size(0); ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * bs, "context_lens[", s, "] = ", lens[s],
                 " is outside [1, ", max_blocks * bs, "]");
-    for (int64_t b = 0; b * bs < lens[s]; ++b) {
-      const int64_t id = tables[s * max_blocks + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", s, ", ", b, "] = ", id,
+    const int64_t r = rows ? rows[s] : s;
+    TORCH_CHECK(r >= 0 && r < block_tables.size(0), "row_tables[", s, "] = ", r,
+                " is not a row of block_tables");
+    reach[r] = std::max(reach[r], lens[s]);
+  }
+  for (int64_t r = 0; r < block_tables.size(0); ++r) {
+    for (int64_t b = 0; b * bs < reach[r]; ++b) {
+      const int64_t id = tables[r * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", r, ", ", b, "] = ", id,
                   " is not a block of the cache (", num_blocks, " blocks)");
     }
   }
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    decode_impl<T>(out, query, k_cache, v_cache, block_tables, context_lens, scale);
+    decode_impl<T>(out, query, k_cache, v_cache, block_tables, rows, context_lens, scale);
   };
   switch (query.scalar_type()) {
     case at::kFloat: run(float{}); break;
@@ -356,7 +395,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
 
 TORCH_LIBRARY(e3rl, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
-        "Tensor block_tables, Tensor context_lens, float scale) -> ()");
+        "Tensor block_tables, Tensor context_lens, float scale, Tensor? row_tables=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(e3rl, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

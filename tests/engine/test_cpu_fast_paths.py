@@ -184,7 +184,10 @@ def test_optimize_fuses_listed_rms_norms_only(dtype):
         before = {name: m(x) for name, m in leaves.items()}
 
     paths = cpu_model.optimize(tree)
-    assert (paths.fused_norms, paths.packed_linears) == (4, 1)
+    assert paths.fused_norms == 4 and paths.packed_linears + paths.tiled_linears == 1
+    # e3rl's bf16 product where the CPU has it; oneDNN's packed weight otherwise (and in fp32)
+    tiled = dtype == torch.bfloat16 and kernels.gemm_available()
+    assert paths.tiled_linears == int(tiled)
     for module in listed.values():
         assert "forward" in module.__dict__
         assert module.forward.__func__ is cpu_model._fused_rms_norm_forward
@@ -193,7 +196,7 @@ def test_optimize_fuses_listed_rms_norms_only(dtype):
         assert torch.equal(out, torch.ops.e3rl.rms_norm(x, module.weight, module.variance_epsilon))
     for skipped in (gemma, lookalike):
         assert "forward" not in skipped.__dict__
-    assert hasattr(tree["linear"], "e3rl_packed_weight")
+    assert hasattr(tree["linear"], "e3rl_tiled_weight" if tiled else "e3rl_packed_weight")
     with torch.no_grad():
         after = {name: m(x) for name, m in leaves.items()}
     for name in ("gemma", "lookalike"):
@@ -230,9 +233,16 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
     norms = [m for m in runner.model.modules()
              if type(m).__name__ in cpu_model.RMS_NORM_CLASSES]
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head; 2 x (in, post, q_norm, k_norm) + final
-    assert runner.fast_paths.packed_linears == len(linears) == 15
-    assert runner.fast_paths.fused_norms == len(norms) == 9
-    assert all("forward" in m.__dict__ and hasattr(m, "e3rl_packed_weight") for m in linears)
+    paths = runner.fast_paths
+    assert paths.packed_linears + paths.tiled_linears == len(linears) == 15
+    # the tiny vocabulary is no multiple of 16: lm_head keeps oneDNN's packed weight
+    assert runner.vocab_size % 16 != 0
+    assert paths.tiled_linears == (14 if kernels.gemm_available() else 0)
+    assert paths.fused_norms == len(norms) == 9
+    assert all("forward" in m.__dict__ for m in linears)
+    for m in linears:
+        tiled = kernels.gemm_available() and m.out_features % 16 == 0
+        assert hasattr(m, "e3rl_tiled_weight" if tiled else "e3rl_packed_weight")
     assert all(m.forward.__func__ is cpu_model._fused_rms_norm_forward for m in norms)
 
     before = _greedy_ids(llm)
@@ -242,7 +252,7 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
     assert after == reference
     assert after != before
 
-    # Each packed copy now holds the new weight: the layer's output is the plain product.
+    # Each derived copy now holds the new weight: the layer's output is the plain product.
     x = torch.randn(3, linears[0].in_features, dtype=torch.bfloat16)
     for m in linears:
         x_m = x if m.in_features == x.shape[-1] else torch.randn(3, m.in_features,

@@ -15,7 +15,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 def reference(q, k_cache, v_cache, tables, lens, scale):
     """Each sequence on its own: gather its blocks, SDPA over its first lens[s] tokens."""
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[2]
     out = torch.empty_like(q)
     for s in range(q.shape[0]):
         k = k_cache[tables[s]].reshape(-1, hkv, k_cache.shape[3])[:lens[s]].transpose(0, 1)

@@ -198,3 +198,34 @@ def test_weight_update_reaches_native_forward(tmp_path):
     fresh = LLM(second, dtype="bfloat16", num_kv_blocks=64)
     want = [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+needs_bf16_gemm = pytest.mark.skipif(
+    not (kernels.load_cpu_kernels() or kernels.gemm_available()),
+    reason="this CPU has no AVX512_BF16 (the kernel is not built; oneDNN's product is used)")
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("outputs", [16, 48, 80, 112])  # 1, 3, 5 and 7 tiles: every group size
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_gemm_equals_float32_product(rows, outputs, bias):
+    x, w = _bf16((rows, 70), 10), _bf16((outputs, 70), 11)
+    b = _bf16((outputs,), 12) if bias else None
+    got = kernels.small_gemm(x, kernels.tile_weight(w), b)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, outputs)
+    # float32 sums in another order, one bf16 rounding of the result
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-3 * want.abs().max())
+
+
+@needs_bf16_gemm
+def test_small_gemm_refuses_what_it_cannot_compute():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.tile_weight(_bf16((20, 8), 0))
+    with pytest.raises(RuntimeError, match="multiple of 16 and in even"):
+        kernels.tile_weight(_bf16((16, 7), 0))
+    with pytest.raises(RuntimeError, match="x has 6 inputs, weight 8"):
+        kernels.small_gemm(_bf16((2, 6), 1), kernels.tile_weight(_bf16((16, 8), 2)), None)
+    with pytest.raises(RuntimeError, match="must be bf16"):
+        kernels.small_gemm(torch.ones(2, 8), kernels.tile_weight(_bf16((16, 8), 2)), None)
