@@ -50,13 +50,15 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class NativeDecode:
-    """Decode tokens ``[start, end)`` of the packed batch, one per sequence, attended by the
-    native kernel straight from the pool: no gather, no padding to the longest context."""
+    """Tokens ``[start, end)`` of the packed batch attended by the native kernel straight from
+    the pool (no gather, no padding to the longest context): decode tokens, one per sequence,
+    and, with ``row_tables``, prefill tokens too (each row with its own causal context)."""
 
     start: int
     end: int
     block_tables: torch.Tensor  # [n, max_blocks] long
     context_lens: torch.Tensor  # [n] long, including this step's token
+    row_tables: torch.Tensor | None = None  # [n] long: row of block_tables each token reads
 
 
 @dataclass(slots=True)
@@ -113,7 +115,8 @@ def attend(meta: AttentionMetadata, layer_idx: int, q: torch.Tensor, k_new: torc
         d = meta.native_decode
         kernels.paged_decode_attention(
             out[d.start:d.end], q[d.start:d.end].contiguous(), k_cache, v_cache,
-            d.block_tables, d.context_lens, scaling if scaling is not None else head_dim ** -0.5)
+            d.block_tables, d.context_lens, scaling if scaling is not None else head_dim ** -0.5,
+            d.row_tables)
     for group in meta.decodes:
         kd = _gather(k_cache, group.block_tables)  # [n, Hkv, L, D]
         vd = _gather(v_cache, group.block_tables)

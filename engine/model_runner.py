@@ -260,14 +260,16 @@ class ModelRunner:
         # Decode tokens first, shortest context first (for grouping), then prefill chunks.
         keys = [(item.num_new_tokens != 1, item.seq.num_computed_tokens) for item in scheduled]
         order = sorted(range(len(scheduled)), key=keys.__getitem__)
+        native = self.attention_backend == "native"
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         keep: list[int] = []  # packed positions whose logits we need
         sample_rows = [-1] * len(scheduled)
         prompt_rows: list[tuple[int, int, int, int]] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        decode_tables: list[list[int]] = []  # native: the tables of every sequence
+        decode_lens: list[int] = []  # native: every token's context length
+        row_tables = array("q")  # native: which table each token reads
         prefills: list[PrefillChunk] = []
         for i in order:
             item = scheduled[i]
@@ -279,13 +281,19 @@ class ModelRunner:
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
+                row_tables.append(len(decode_tables))
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
                 input_ids += seq.token_ids[start:start + n]
                 positions += range(start, start + n)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-                prefills.append(self._prefill_chunk(offset, n, start, table))
+                if native:  # the kernel attends each prompt token over its causal context
+                    row_tables.extend([len(decode_tables)] * n)
+                    decode_tables.append(table[:-(-(start + n) // bs)])
+                    decode_lens += range(start + 1, start + n + 1)
+                else:
+                    prefills.append(self._prefill_chunk(offset, n, start, table))
             # Prompt log-probs: logits at prompt positions p predict token p + 1.
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)
@@ -296,14 +304,16 @@ class ModelRunner:
                 keep.append(offset + n - 1)
         num_tokens = len(input_ids)
         tables = _padded(decode_tables)
-        ids, pos, slot_t, keep_t, lens_t, tables_t = self._long_tensors(
-            input_ids, positions, slots, keep, decode_lens, tables)
+        ids, pos, slot_t, keep_t, lens_t, tables_t, rows_t = self._long_tensors(
+            input_ids, positions, slots, keep, decode_lens, tables, row_tables)
         meta = AttentionMetadata(kv_cache=self.kv_cache, slot_mapping=slot_t,
                                  prefills=prefills)
         if decode_tables:
             tables_t = tables_t.view(len(decode_tables), -1)  # [n, max_blocks]
-            if self.attention_backend == "native":
-                meta.native_decode = NativeDecode(0, len(decode_tables), tables_t, lens_t)
+            if native:
+                has_prefill = len(decode_lens) > len(decode_tables)
+                meta.native_decode = NativeDecode(0, len(decode_lens), tables_t, lens_t,
+                                                  rows_t if has_prefill else None)
             else:
                 meta.decodes = self._decode_groups(decode_tables, tables_t, decode_lens)
         if self.native_forward is not None:

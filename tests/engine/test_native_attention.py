@@ -59,6 +59,32 @@ def test_kernel_matches_sdpa(dtype, head_dim, group, num_seqs):
                                rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rows_sharing_tables_attend_causally(dtype):
+    """Prefill through the kernel: the rows of a chunk share their sequence's table (via
+    ``row_tables``), each over its own causal context, mixed with decode rows; every row equals
+    SDPA over its sequence's first ``context_lens[row]`` tokens."""
+    g = torch.Generator().manual_seed(5)
+    num_kv_heads, group, head_dim, block_size, num_blocks = 2, 3, 64, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.stack([perm[0:5], perm[5:10], perm[10:15]])  # 3 sequences, 80 tokens each
+    # a decode row of sequence 2, a 21-token chunk of sequence 0 after 30 cached tokens, and
+    # a whole 9-token prompt of sequence 1
+    row_tables = torch.tensor([2] + [0] * 21 + [1] * 9)
+    lens = torch.tensor([77] + list(range(31, 52)) + list(range(1, 10)))
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, 0.125, row_tables)
+    expected = reference(q, k_cache, v_cache, tables[row_tables], lens.tolist(), 0.125)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+    with pytest.raises(RuntimeError, match="row_tables\\[1\\] = 3 is not a row"):
+        kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, 0.125,
+                                       torch.tensor([2, 3] + [0] * 29))
+
+
 def test_kernel_refuses_mismatched_inputs():
     k_cache = torch.zeros(4, 16, 2, 64)
     q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
