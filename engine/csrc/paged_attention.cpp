@@ -35,7 +35,8 @@ namespace {
 // Block kernels: scores of one block for the query heads of one KV head, and the weighted sum
 // of its values into their accumulators (see scores_block / accumulate_block below).
 template <typename T>
-using ScoresFn = void (*)(const float*, const T*, int64_t, int64_t, int64_t, float, float*);
+using ScoresFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, float,
+                          float*);
 template <typename T>
 using AccumulateFn = void (*)(const T*, int64_t, int64_t, int64_t, const float*, const float*,
                               float*);
@@ -104,7 +105,7 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 
 template <int CH, int G, typename T>
-inline void scores_block(const float* qf, const T* kb, int64_t token_stride, int64_t nt,
+inline void scores_block(const float* qf, const T* /*q*/, const T* kb, int64_t token_stride, int64_t nt,
                          int64_t bs, float scale, float* p) {
   __m512 qr[G][CH];
   for (int j = 0; j < G; ++j)
@@ -184,10 +185,59 @@ inline float softmax_block(float* p, int64_t nt, float& m, float& l) {
 }
 
 
+#if defined(__AVX512BF16__)
+// scores_block for bf16 caches with AVX512_BF16: q . k from the bf16 query and key rows with
+// VDPBF16PS (products exact in float32, float32 sums, as with the converted rows, in another
+// order), without converting each key row to float32 first. Z = head dim / 32.
+template <int Z, int G>
+inline void scores_block_bf16(const float* /*qf*/, const c10::BFloat16* q,
+                              const c10::BFloat16* kb, int64_t token_stride, int64_t nt,
+                              int64_t bs, float scale, float* p) {
+  __m512bh qr[G][Z];
+  for (int j = 0; j < G; ++j)
+    for (int z = 0; z < Z; ++z) qr[j][z] = (__m512bh)_mm512_loadu_si512(q + j * Z * 32 + z * 32);
+  const __m128 vscale = _mm_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) {
+    __m512 acc[G][4];
+    for (int r = 0; r < 4; ++r) {
+      const c10::BFloat16* kr = kb + (t + r) * token_stride;
+      __m512bh kv[Z];
+      for (int z = 0; z < Z; ++z) kv[z] = (__m512bh)_mm512_loadu_si512(kr + z * 32);
+      for (int j = 0; j < G; ++j) {
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[j][0], kv[0]);
+        for (int z = 1; z < Z; ++z) a = _mm512_dpbf16_ps(a, qr[j][z], kv[z]);
+        acc[j][r] = a;
+      }
+    }
+    for (int j = 0; j < G; ++j)
+      _mm_storeu_ps(p + j * bs + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
+  }
+  for (; t < nt; ++t) {
+    const c10::BFloat16* kr = kb + t * token_stride;
+    __m512bh kv[Z];
+    for (int z = 0; z < Z; ++z) kv[z] = (__m512bh)_mm512_loadu_si512(kr + z * 32);
+    for (int j = 0; j < G; ++j) {
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[j][0], kv[0]);
+      for (int z = 1; z < Z; ++z) a = _mm512_dpbf16_ps(a, qr[j][z], kv[z]);
+      p[j * bs + t] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+}
+#endif
+
+template <int CH, int G, typename T>
+ScoresFn<T> pick_scores() {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return scores_block_bf16<CH / 2, G>;
+#endif
+  return scores_block<CH, G, T>;
+}
+
 template <int CH, typename T>
 bool pick_group(int64_t group, ScoresFn<T>& scores, AccumulateFn<T>& accumulate) {
   switch (group) {
-#define E3RL_GROUP(G) case G: scores = scores_block<CH, G, T>; accumulate = accumulate_block<CH, G, T>; return true;
+#define E3RL_GROUP(G) case G: scores = pick_scores<CH, G, T>(); accumulate = accumulate_block<CH, G, T>; return true;
     E3RL_GROUP(1) E3RL_GROUP(2) E3RL_GROUP(3) E3RL_GROUP(4) E3RL_GROUP(5) E3RL_GROUP(6)
     E3RL_GROUP(7) E3RL_GROUP(8)
 #undef E3RL_GROUP
@@ -255,7 +305,8 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
       const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
       const int64_t ctx = lens[s];
       const int64_t* table = tables + (row_tables ? row_tables[s] : s) * max_blocks;
-      to_float(q + (s * num_heads + h0 * group) * dim, qf.data(), item_heads * dim);
+      const T* qrow = q + (s * num_heads + h0 * group) * dim;
+      to_float(qrow, qf.data(), item_heads * dim);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -272,7 +323,8 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
         }
         if (fast_scores) {
           for (int64_t hh = 0; hh < item_kv_heads; ++hh)
-            fast_scores(qf.data() + hh * group * dim, kb + hh * dim, token_stride, nt, bs, fscale,
+            fast_scores(qf.data() + hh * group * dim, qrow + hh * group * dim, kb + hh * dim,
+                        token_stride, nt, bs, fscale,
                         p.data() + hh * group * bs);
         } else {
           for (int64_t t = 0; t < nt; ++t) {

@@ -99,6 +99,19 @@ def _runner(path, impl, **overrides):
                                     model_impl=impl, **overrides))
 
 
+@pytest.fixture(params=["tiled", "packed"])
+def linears(request, monkeypatch):
+    """Both of cpu_model's bf16 products: e3rl's tiled kernel (where the CPU has AVX512_BF16)
+    and oneDNN's packed weights (forced here, as on CPUs without it)."""
+    from e3rl.engine import cpu_model
+
+    if request.param == "tiled" and not kernels.gemm_available():
+        pytest.skip("this CPU has no AVX512_BF16")
+    if request.param == "packed":
+        monkeypatch.setattr(cpu_model, "_tileable", lambda module: False)
+    return request.param
+
+
 def _mixed_step(runner, seed):
     """Three sequences already holding context (decode) and two new prompts (prefill), one
     of them a second chunk: every attention path of a step."""
@@ -118,11 +131,12 @@ def _mixed_step(runner, seed):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "mistral"])
-def test_native_forward_equals_transformers_forward(tiny_model_dirs, arch):
+def test_native_forward_equals_transformers_forward(tiny_model_dirs, arch, linears):
     """Same steps (the context written by a first pass of each) through both forwards."""
     native, hf = _runner(tiny_model_dirs[arch], "e3rl"), _runner(tiny_model_dirs[arch],
                                                                   "transformers")
     assert native.model_impl == "e3rl" and hf.model_impl == "transformers"
+    assert (native.fast_paths.tiled_linears > 0) == (linears == "tiled")
     for runner in (native, hf):  # fill the cached prefixes the step attends over
         prefix = _mixed_step(runner, seed=1)
         for item in prefix.scheduled:
