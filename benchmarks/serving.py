@@ -6,9 +6,12 @@ many streaming clients; each request is greedy with a fixed prompt (token ids) a
 length, so every run computes exactly the same tokens. Measured, in this order: the server
 with its engine in a process of its own (the default), the server with the engine loop on a
 thread (``--no-engine-process``), the same closed loop straight on ``AsyncEngine`` (no HTTP:
-the engine's own TTFT under the same arrivals), and the offline engine (all requests at once);
-same model, dtype, threads and batch limit. Printed per concurrency: output tok/s and the
-ratio to offline, TTFT / inter-token percentiles, whether greedy texts match offline.
+the engine's own TTFT under the same arrivals), the offline engine in the same closed loop
+(``LLMEngine.step`` driven directly: a finished request's slot takes the next request in the
+same step, no HTTP, no process boundary, no delay), and the offline engine with all requests
+queued at once (``LLM.generate``); same model, dtype, threads and batch limit. Printed per
+concurrency: output tok/s and the ratio to each offline row, TTFT / inter-token percentiles,
+whether greedy texts match offline.
 
     .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
         [--concurrency 32,64] [--num-threads N] [--out FILE.json]
@@ -169,6 +172,42 @@ def run_offline(args, prompts, output_lens, concurrency) -> tuple[float, list[st
     return wall, [o.outputs[0].text for o in outs]
 
 
+def run_offline_closed_loop(args, prompts, output_lens, concurrency) -> tuple[float, list[float]]:
+    """The clients' closed loop without clients: ``concurrency`` requests in flight, each
+    finished one replaced by the next in the same step. TTFT is to the first token's step."""
+    from e3rl.engine import EngineConfig
+    from e3rl.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads))
+    engine.add_request("warm-up", prompts[0][:16], SamplingParams(temperature=0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    todo = iter(range(len(prompts)))
+    started: dict[str, float] = {}
+    ttfts: list[float] = []
+
+    def add_next() -> None:
+        i = next(todo, None)
+        if i is not None:
+            started[str(i)] = time.perf_counter()
+            engine.add_request(str(i), prompts[i], SamplingParams(
+                temperature=0, max_tokens=output_lens[i], ignore_eos=True))
+
+    t0 = time.perf_counter()
+    for _ in range(concurrency):
+        add_next()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id in started and out.outputs[0].token_ids:
+                ttfts.append(time.perf_counter() - started.pop(out.request_id))
+            if out.finished:
+                add_next()
+    return time.perf_counter() - t0, ttfts
+
+
 def run_server(args, work, concurrency: int, engine_process: bool) -> dict:
     server, url = start_server(args, concurrency, engine_process)
     try:
@@ -196,9 +235,10 @@ def main() -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
     p.add_argument("--prompt-range", default="16,512")
     p.add_argument("--output-range", default="16,256")
-    p.add_argument("--systems", default="process,thread,engine,offline",
+    p.add_argument("--systems", default="process,thread,engine,loop,offline",
                    help="any of: process (server, engine process), thread (server, "
-                   "--no-engine-process), engine (AsyncEngine closed loop), offline")
+                   "--no-engine-process), engine (AsyncEngine closed loop), loop (offline "
+                   "engine, same closed loop), offline (LLM.generate, all at once)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args()
     if args.model is None:
@@ -222,6 +262,12 @@ def main() -> None:
                                                concurrency)
             runs["engine"] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
                               "other_load": load.other_share, "note": load.note()}
+        if "loop" in systems:
+            with LoadMonitor() as load:
+                wall, ttfts = run_offline_closed_loop(args, work.prompts, work.output_lens,
+                                                      concurrency)
+            runs["loop"] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
+                            "other_load": load.other_share, "note": load.note()}
         if "offline" in systems:
             with LoadMonitor() as load:
                 wall, texts = run_offline(args, work.prompts, work.output_lens, concurrency)
@@ -229,17 +275,22 @@ def main() -> None:
                                "other_load": load.other_share, "note": load.note()}
         offline = runs.get("offline")
         labels = {"process": "server, engine process", "thread": "server, engine thread",
-                  "engine": "AsyncEngine loop, no HTTP", "offline": "offline LLM.generate"}
-        print(f"{'system':<27} {'tok/s':>7} {'x offline':>9} {'TTFT p50':>9} {'p90':>7} "
-              f"{'ITL p50':>8} {'p99':>6}  load")
+                  "engine": "AsyncEngine loop, no HTTP", "loop": "offline, same closed loop",
+                  "offline": "offline LLM.generate"}
+        loop = runs.get("loop")
+        print(f"{'system':<27} {'tok/s':>7} {'x offline':>9} {'x loop':>7} {'TTFT p50':>9} "
+              f"{'p90':>7} {'ITL p50':>8} {'p99':>6}  load")
         for run in runs.values():
             run["tok_s"] = total / run["wall_s"]
         for name, run in runs.items():
             ratio = run["tok_s"] / offline["tok_s"] if offline else float("nan")
+            loop_ratio = run["tok_s"] / loop["tok_s"] if loop else float("nan")
             ttft, itl = percentiles(run["ttft_s"]), percentiles(run["itl_s"])
             run.update(ttft_p50_ms=1e3 * ttft[50], ttft_p90_ms=1e3 * ttft[90],
-                       itl_p50_ms=1e3 * itl[50], itl_p99_ms=1e3 * itl[99], x_offline=ratio)
-            print(f"{labels[name]:<27} {run['tok_s']:7.1f} {ratio:9.3f} {1e3 * ttft[50]:9.0f} "
+                       itl_p50_ms=1e3 * itl[50], itl_p99_ms=1e3 * itl[99], x_offline=ratio,
+                       x_closed_loop=loop_ratio)
+            print(f"{labels[name]:<27} {run['tok_s']:7.1f} {ratio:9.3f} {loop_ratio:7.3f} "
+                  f"{1e3 * ttft[50]:9.0f} "
                   f"{1e3 * ttft[90]:7.0f} {1e3 * itl[50]:8.1f} {1e3 * itl[99]:6.0f}  "
                   f"{run['note']}")
         if "engine" in runs:
@@ -247,6 +298,11 @@ def main() -> None:
                 if name in runs:
                     print(f"TTFT p50 {labels[name]} / AsyncEngine loop: "
                           f"{runs[name]['ttft_p50_ms'] / runs['engine']['ttft_p50_ms']:.3f}")
+        if loop:
+            for name in ("process", "thread"):
+                if name in runs:
+                    print(f"TTFT p50 {labels[name]} / offline closed loop: "
+                          f"{runs[name]['ttft_p50_ms'] / loop['ttft_p50_ms']:.3f}")
         if offline:
             for name in ("process", "thread"):
                 if name in runs:
