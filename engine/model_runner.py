@@ -267,8 +267,8 @@ class ModelRunner:
         keep: list[int] = []  # packed positions whose logits we need
         sample_rows = [-1] * len(scheduled)
         prompt_rows: list[tuple[int, int, int, int]] = []
-        decode_tables: list[list[int]] = []  # native: the tables of every sequence
-        decode_lens: list[int] = []  # native: every token's context length
+        decode_tables: list[list[int]] = []  # decode sequences' tables (native: every one's)
+        decode_lens: list[int] = []  # their context lengths (native: every token's)
         row_tables = array("q")  # native: which table each token reads
         prefills: list[PrefillChunk] = []
         for i in order:
