@@ -162,6 +162,10 @@ class ModelRunner:
                     self.device, num_blocks, block_size, self.kv_cache.nbytes / 2**20,
                     self.attention_backend)
         self._check_attention_routing(num_layers)
+        # Prompt tokens through the native kernel too in bf16/fp16 (~1.5x SDPA's flash kernel
+        # there); float32 keeps SDPA for prompts, whose numerics float32 runs compare against
+        # (a 2-rank training run equals a 1-rank run to 1e-6 only with it).
+        self.native_prefill = self.dtype != torch.float32
         self.native_forward = self._native_forward(config.model_impl)
         self.model_impl = "e3rl" if self.native_forward is not None else "transformers"
 
@@ -261,6 +265,7 @@ class ModelRunner:
         keys = [(item.num_new_tokens != 1, item.seq.num_computed_tokens) for item in scheduled]
         order = sorted(range(len(scheduled)), key=keys.__getitem__)
         native = self.attention_backend == "native"
+        native_prefill = native and self.native_prefill
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -288,7 +293,7 @@ class ModelRunner:
                 input_ids += seq.token_ids[start:start + n]
                 positions += range(start, start + n)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-                if native:  # the kernel attends each prompt token over its causal context
+                if native_prefill:  # the kernel attends each prompt token over its context
                     row_tables.extend([len(decode_tables)] * n)
                     decode_tables.append(table[:-(-(start + n) // bs)])
                     decode_lens += range(start + 1, start + n + 1)
