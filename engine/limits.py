@@ -15,6 +15,7 @@ class RequestLimits:
     vocab_size: int
     max_model_len: int  # context length (prompt + output tokens)
     kv_capacity_tokens: int  # tokens the whole KV pool holds
+    max_num_seqs: int  # sequences running at once: a request's n samples must fit
 
     def prompt_ids(self, prompt: list[int]) -> list[int]:
         """A prompt given as token ids, checked; raises ``InvalidRequest``."""
@@ -29,7 +30,12 @@ class RequestLimits:
 
     def check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
         """Raise ``InvalidRequest`` unless the prompt and ``max_tokens`` fit the model's
-        context and the KV pool (a request that could never fit is refused up front)."""
+        context and the KV pool, and its samples fit the running batch (a request that could
+        never be scheduled is refused up front, not left waiting forever)."""
+        if params.n > self.max_num_seqs:
+            raise InvalidRequest(f"n / best_of ({params.n} samples) exceeds the engine's "
+                                 f"max_num_seqs ({self.max_num_seqs}): a request's samples run "
+                                 "together", param="n")
         if num_prompt >= self.max_model_len:
             raise InvalidRequest(f"prompt has {num_prompt} tokens; the model's context length "
                                  f"is {self.max_model_len}", param="prompt")

@@ -72,7 +72,7 @@ class LLMEngine:
         self.block_manager = BlockManager(kv.num_blocks, kv.block_size,
                                           enable_caching=config.enable_prefix_caching)
         self.limits = RequestLimits(self.vocab_size, self.max_model_len,
-                                    kv.num_blocks * kv.block_size)
+                                    kv.num_blocks * kv.block_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()

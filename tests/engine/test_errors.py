@@ -44,6 +44,18 @@ def test_request_larger_than_the_kv_pool_is_refused(tiny_model):
     assert info.value.param == "max_tokens" and "KV cache" in str(info.value)
 
 
+def test_more_samples_than_running_sequences_is_refused(tiny_model):
+    """n samples run together; more than max_num_seqs could never be scheduled (it waited
+    forever: found by the reliability fuzz with best_of 7 against --max-num-seqs 4)."""
+    llm = LLM(tiny_model, num_kv_blocks=64, max_num_seqs=4)
+    with pytest.raises(InvalidRequest, match=r"n / best_of \(5 samples\) exceeds the "
+                       r"engine's max_num_seqs \(4\)") as info:
+        llm.generate([5, 6, 7], SamplingParams(n=5, max_tokens=4))
+    assert info.value.param == "n"
+    out = llm.generate([5, 6, 7], SamplingParams(n=4, max_tokens=4, temperature=1.0))
+    assert len(out[0].outputs) == 4 and all(len(o.token_ids) == 4 for o in out[0].outputs)
+
+
 def test_unknown_engine_option(tiny_model):
     with pytest.raises(InvalidRequest, match="kv_blocks"):
         LLM(tiny_model, kv_blocks=3)

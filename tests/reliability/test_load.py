@@ -14,6 +14,7 @@ import asyncio
 import signal
 import socket
 
+import httpx
 import pytest
 
 from e3rl.engine.model_factory import build_tiny_model
@@ -180,3 +181,15 @@ def test_a_backlog_is_written_in_bounded_batches(monkeypatch):
 
     sizes = asyncio.run(main())
     assert sum(sizes) == num_deltas and max(sizes) == 100, sizes
+
+
+def test_more_samples_than_the_engine_runs_at_once_is_a_400(server):
+    """best_of 7 against --max-num-seqs 4 used to wait forever (a fuzz finding): refused."""
+    _, url = server
+    for body in ({"prompt": "result", "best_of": 7}, {"prompt": "result", "n": 5}):
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=API, timeout=30)
+        assert r.status_code == 400, r.text
+        assert "max_num_seqs (4)" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "result", "n": 4, "max_tokens": 2},
+                   headers=API, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
