@@ -256,18 +256,12 @@ def main() -> None:
         for name, engine_process in (("process", True), ("thread", False)):
             if name in systems:
                 runs[name] = run_server(args, work, concurrency, engine_process)
-        if "engine" in systems:
-            with LoadMonitor() as load:
-                wall, ttfts = run_async_engine(args, work.prompts, work.output_lens,
-                                               concurrency)
-            runs["engine"] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
+        for name, closed_loop in (("engine", run_async_engine), ("loop", run_offline_closed_loop)):
+            if name in systems:
+                with LoadMonitor() as load:
+                    wall, ttfts = closed_loop(args, work.prompts, work.output_lens, concurrency)
+                runs[name] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
                               "other_load": load.other_share, "note": load.note()}
-        if "loop" in systems:
-            with LoadMonitor() as load:
-                wall, ttfts = run_offline_closed_loop(args, work.prompts, work.output_lens,
-                                                      concurrency)
-            runs["loop"] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
-                            "other_load": load.other_share, "note": load.note()}
         if "offline" in systems:
             with LoadMonitor() as load:
                 wall, texts = run_offline(args, work.prompts, work.output_lens, concurrency)
@@ -293,16 +287,12 @@ def main() -> None:
                   f"{1e3 * ttft[50]:9.0f} "
                   f"{1e3 * ttft[90]:7.0f} {1e3 * itl[50]:8.1f} {1e3 * itl[99]:6.0f}  "
                   f"{run['note']}")
-        if "engine" in runs:
-            for name in ("process", "thread"):
-                if name in runs:
-                    print(f"TTFT p50 {labels[name]} / AsyncEngine loop: "
-                          f"{runs[name]['ttft_p50_ms'] / runs['engine']['ttft_p50_ms']:.3f}")
-        if loop:
-            for name in ("process", "thread"):
-                if name in runs:
-                    print(f"TTFT p50 {labels[name]} / offline closed loop: "
-                          f"{runs[name]['ttft_p50_ms'] / loop['ttft_p50_ms']:.3f}")
+        for ref in ("engine", "loop"):
+            if ref in runs:
+                for name in ("process", "thread"):
+                    if name in runs:
+                        print(f"TTFT p50 {labels[name]} / {labels[ref]}: "
+                              f"{runs[name]['ttft_p50_ms'] / runs[ref]['ttft_p50_ms']:.3f}")
         if offline:
             for name in ("process", "thread"):
                 if name in runs:

@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention.cpp", "sampling.cpp", "norm.cpp", "fused.cpp", "gemm.cpp")]
+            for name in ("paged_attention.cpp", "sampling.cpp", "fused.cpp", "gemm.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None

@@ -3,6 +3,9 @@
 // tensor ops would (so bf16 results match op for op, up to the rare one-ulp difference of a
 // differently ordered sum of squares or of the vectorised exp).
 //
+// - rms_norm: transformers' Llama-family RMSNorm in one pass per row: in float32,
+//   y = x * rsqrt(mean(x^2) + eps); y rounded to x's dtype; out = weight * y (rounded), ~8 ops
+//   in transformers;
 // - add_rms_norm_: residual <- residual + x (rounded), returns RMSNorm(residual)
 //   (transformers: ``h = residual + h; residual = h; h = norm(h)``, ~10 ops);
 // - silu_mul: silu(gate) (rounded) * up (rounded) (``act_fn(gate_proj(x)) * up_proj(x)``);
@@ -90,9 +93,36 @@ void dispatch(at::ScalarType dtype, const char* what, Fn&& fn) {
   }
 }
 
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float scale = 1.f / std::sqrt(sum_of_squares(x + r * n, n) / static_cast<float>(n) + eps);
+      scale_row(x + r * n, w, out + r * n, n, scale);
+    }
+  });
+}
+
 void check_rows(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(t.is_contiguous(), what, ": tensor must be contiguous");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0),
+              "rms_norm: weight must be [hidden]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t n = x.size(-1), rows = n ? xc.numel() / n : 0;
+  dispatch(x.scalar_type(), "rms_norm", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), rows, n, static_cast<float>(eps));
+  });
+  return out;
 }
 
 at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
@@ -244,6 +274,7 @@ void qk_norm_rope_(at::Tensor& q, at::Tensor& k, const std::optional<at::Tensor>
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(e3rl, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor? q_weight, Tensor? k_weight, "
@@ -251,6 +282,7 @@ TORCH_LIBRARY_FRAGMENT(e3rl, m) {
 }
 
 TORCH_LIBRARY_IMPL(e3rl, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("silu_mul", &silu_mul);
   m.impl("qk_norm_rope_", &qk_norm_rope_);

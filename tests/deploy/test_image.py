@@ -158,7 +158,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context():
         assert not ignored(src, patterns), f"COPY {src}: excluded by .dockerignore"
     # What the package needs is all there: pip install . reads the readme and package dirs.
     assert ignored("runs/x", patterns) and ignored("engine/__pycache__/x.pyc", patterns)
-    assert not ignored("engine/csrc/norm.cpp", patterns)
+    assert not ignored("engine/csrc/fused.cpp", patterns)
 
 
 def test_entrypoint_command_and_paths_agree_with_e3rl_and_the_chart():
