@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import subprocess
@@ -118,16 +119,22 @@ async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
     return wall, results  # type: ignore[return-value]
 
 
+def engine_config(args, concurrency: int):
+    """The engine every in-process row runs: the server's model, dtype, threads and limits."""
+    from e3rl.engine import EngineConfig
+
+    return EngineConfig(model=str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        num_threads=args.num_threads)
+
+
 def run_async_engine(args, prompts, output_lens, concurrency) -> tuple[float, list[float]]:
     """The same closed loop straight on ``AsyncEngine`` (no HTTP): separates the cost of the
     HTTP front end from that of the engine thread and the closed-loop arrivals."""
-    from e3rl.engine import EngineConfig
     from e3rl.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(EngineConfig(
-        model=str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads))
+    engine = AsyncEngine(engine_config(args, concurrency))
     engine.start()
 
     ttfts: list[float] = []
@@ -161,9 +168,7 @@ def run_async_engine(args, prompts, output_lens, concurrency) -> tuple[float, li
 
 
 def run_offline(args, prompts, output_lens, concurrency) -> tuple[float, list[str]]:
-    llm = LLM(str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads)
+    llm = LLM(**dataclasses.asdict(engine_config(args, concurrency)))
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     t0 = time.perf_counter()
@@ -175,13 +180,9 @@ def run_offline(args, prompts, output_lens, concurrency) -> tuple[float, list[st
 def run_offline_closed_loop(args, prompts, output_lens, concurrency) -> tuple[float, list[float]]:
     """The clients' closed loop without clients: ``concurrency`` requests in flight, each
     finished one replaced by the next in the same step. TTFT is to the first token's step."""
-    from e3rl.engine import EngineConfig
     from e3rl.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(
-        model=str(args.model), dtype=args.dtype, max_num_seqs=concurrency,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.num_threads))
+    engine = LLMEngine(engine_config(args, concurrency))
     engine.add_request("warm-up", prompts[0][:16], SamplingParams(temperature=0, max_tokens=4))
     while engine.has_unfinished_requests():
         engine.step()
