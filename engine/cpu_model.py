@@ -1,4 +1,4 @@
-"""bf16 fast paths on CPU for the transformers model the engine owns.
+"""Fast paths on CPU for the transformers model the engine owns.
 
 transformers' modules stay in place (state dicts, weight updates and the attention interface
 are unchanged); only some forwards of this one model instance are switched:
@@ -7,17 +7,22 @@ are unchanged); only some forwards of this one model instance are switched:
   AVX512_BF16 kernel (``kernels.small_gemm``) from a tiled copy of its weight, where the CPU
   has that instruction set: on a 100M model's 85 projections with the weights in memory (a
   decode step) 2.2x faster than oneDNN's prepacked product at one row, 1.3x at 16, 1.2x at
-  32, and on par at prefill sizes;
-- other ``nn.Linear`` multiply with a oneDNN-prepacked copy of their weight: at decode sizes
-  oneDNN reads a prepacked weight ~1.4x faster than the plain layout (15.0 -> 10.5 ms per
-  forward at one row, 17.8 -> 13.3 ms at 32), same products;
+  32, and on par at prefill sizes; float32 ``nn.Linear`` likewise with the AVX-512 float32
+  kernel (1.5x torch's MKL product at one row, 2.8x at 16, 2.0x at 32, 1.5x at 256 rows on
+  this project's AMD machine, where MKL does not reach the CPU's peak);
+- other bf16 ``nn.Linear`` multiply with a oneDNN-prepacked copy of their weight: at decode
+  sizes oneDNN reads a prepacked weight ~1.4x faster than the plain layout (15.0 -> 10.5 ms
+  per forward at one row, 17.8 -> 13.3 ms at 32), same products;
 - Llama-family RMSNorms run as one native pass (``kernels.rms_norm``) with transformers'
   arithmetic (~4x faster per call; a rare one-ulp rounding difference), each checked against
   the module's own forward on a random input before it is switched.
 
-Sharing one GEMM between the q/k/v projections (and between gate/up) was tried and measured
-no faster end to end on CPU, so projections keep their own GEMMs. ``refresh`` re-derives the
-tiled and packed copies after the weights changed (one derived copy per weight).
+The engine applies all of them in bf16, and in float32 only the tiled products (``optimize``'s
+``pack_linears`` / ``fuse_norms`` off): their sums differ from MKL's only in order, a few ulps,
+and greedy outputs stay token-identical to transformers' (``benchmarks/throughput.py`` checks
+it on every run). Sharing one GEMM between the q/k/v projections (and between gate/up) was tried
+and measured no faster end to end on CPU, so projections keep their own GEMMs. ``refresh``
+re-derives the tiled and packed copies after the weights changed (one derived copy per weight).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class FastPaths:
     """What ``optimize`` switched, for logs and tests."""
 
     packed_linears: int = 0  # oneDNN-prepacked copy
-    tiled_linears: int = 0  # e3rl's bf16 product (kernels.small_gemm)
+    tiled_linears: int = 0  # e3rl's bf16 / float32 product (kernels.small_gemm)
     fused_norms: int = 0
 
 
@@ -63,11 +68,13 @@ def _tiled_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Ten
 
 
 def _tileable(module: torch.nn.Linear) -> bool:
-    """Whether e3rl's bf16 product applies: kernels built with AVX512_BF16, a bf16 weight with
-    whole tiles of 16 outputs and pairs of inputs."""
+    """Whether e3rl's product applies: kernels built for the weight's dtype (bf16: AVX512_BF16,
+    float32: AVX-512), whole tiles of 16 outputs (and pairs of inputs in bf16)."""
     w = module.weight
-    return (kernels.loaded() and kernels.gemm_available() and w.dtype == torch.bfloat16
-            and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0)
+    if not kernels.loaded() or w.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return (kernels.gemm_available(w.dtype) and w.shape[0] % 16 == 0
+            and (w.dtype == torch.float32 or w.shape[1] % 2 == 0))
 
 
 def _fused_rms_norm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +93,12 @@ def _matches(module: torch.nn.Module, fast, width: int, generator: torch.Generat
     return False
 
 
-def optimize(model: torch.nn.Module) -> FastPaths:
-    """Switch this model's forwards to the fast paths (bf16 on CPU). Fused RMSNorms need the
-    native kernels (``kernels.loaded()``); without them the norms stay as they are."""
+def optimize(model: torch.nn.Module, *, pack_linears: bool = True,
+             fuse_norms: bool = True) -> FastPaths:
+    """Switch this model's forwards to the fast paths. Linears that e3rl's product does not
+    take get a oneDNN-packed copy unless ``pack_linears`` is off; fused RMSNorms (unless
+    ``fuse_norms`` is off) need the native kernels (``kernels.loaded()``), without them the
+    norms stay as they are."""
     done = FastPaths()
     generator = torch.Generator(device="cpu").manual_seed(0)  # leave the global RNG alone
     for module in model.modules():
@@ -98,11 +108,11 @@ def optimize(model: torch.nn.Module) -> FastPaths:
             module.e3rl_tiled_weight = kernels.tile_weight(module.weight.detach())
             module.forward = _tiled_linear_forward.__get__(module)
             done.tiled_linears += 1
-        elif isinstance(module, torch.nn.Linear):
+        elif isinstance(module, torch.nn.Linear) and pack_linears:
             module.e3rl_packed_weight = _pack(module.weight)
             module.forward = _packed_linear_forward.__get__(module)
             done.packed_linears += 1
-        elif kernels.loaded() and type(module).__name__ in RMS_NORM_CLASSES:
+        elif fuse_norms and kernels.loaded() and type(module).__name__ in RMS_NORM_CLASSES:
             fast = _fused_rms_norm_forward.__get__(module)
             if _matches(module, fast, module.weight.shape[0], generator):
                 module.forward = fast

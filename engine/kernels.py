@@ -188,19 +188,23 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | Non
     torch.ops.e3rl.qk_norm_rope_(q, k, q_weight, k_weight, cos, sin, eps)
 
 
-def gemm_available() -> bool:
-    """Whether this build has the AVX512_BF16 few-rows product (``small_gemm``)."""
-    return bool(torch.ops.e3rl.gemm_available())
+def gemm_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this build has the few-rows product (``small_gemm``) for ``dtype``: bf16 needs
+    AVX512_BF16, float32 AVX-512."""
+    return bool(torch.ops.e3rl.gemm_available(dtype))
 
 
 def tile_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 ``[out, in]`` weight in ``small_gemm``'s layout (``out`` a multiple of 16)."""
+    """A bf16 or float32 ``[out, in]`` weight in ``small_gemm``'s layout (``out`` a multiple
+    of 16)."""
     return torch.ops.e3rl.tile_weight(weight)
 
 
 def small_gemm(x: torch.Tensor, tiled: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T + bias`` for bf16 ``x`` ``[rows, in]`` with few rows (decode steps), from
-    ``tile_weight(W)``: each weight tile is streamed once per 16 rows."""
+    """``x @ W.T + bias`` for ``x`` ``[rows, in]`` (bf16 or float32, as ``W``) from
+    ``tile_weight(W)``: each group of weight tiles comes from memory once and from cache for
+    the rows after the first 6. Each row's sums run over the inputs in order, whatever the
+    number of rows (a row's result does not depend on the others)."""
     return torch.ops.e3rl.small_gemm(x, tiled, bias)
 
 

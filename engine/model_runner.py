@@ -170,11 +170,16 @@ class ModelRunner:
         self.model_impl = "e3rl" if self.native_forward is not None else "transformers"
 
     def _optimize_for_cpu(self) -> cpu_model.FastPaths:
-        """bf16 on CPU: prepacked, shared and fused forwards (``cpu_model``). Not for
-        float32, where greedy outputs must stay token-identical to transformers'."""
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+        """On CPU: bf16 takes every fast path of ``cpu_model`` (tiled or prepacked linears,
+        fused norms); float32 only the tiled products, whose sums differ from MKL's in order
+        alone, so greedy outputs stay token-identical to transformers'. fp16 keeps torch's."""
+        if self.device.type != "cpu":
             return cpu_model.FastPaths()
-        return cpu_model.optimize(self.model)
+        if self.dtype == torch.bfloat16:
+            return cpu_model.optimize(self.model)
+        if self.dtype == torch.float32:
+            return cpu_model.optimize(self.model, pack_linears=False, fuse_norms=False)
+        return cpu_model.FastPaths()
 
     def _native_forward(self, model_impl: str) -> native_model.NativeForward | None:
         """e3rl's own forward when ``model_impl`` asks for it and it applies (checked against

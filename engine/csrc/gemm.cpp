@@ -16,12 +16,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#define E3RL_GEMM_F32 1
+#if defined(__AVX512BF16__)
 #define E3RL_GEMM_BF16 1
+#endif
 #endif
 
 namespace {
+
+constexpr int kMaxTiles = 4, kMaxRows = 6;
 
 #if defined(E3RL_GEMM_BF16)
 // NT consecutive tiles (16 outputs each) for R rows: acc[n][r] += W_tile(n) . x[r], then bias
@@ -53,8 +58,6 @@ void tile_block(const uint32_t* w, int64_t pairs, const uint32_t* x, const float
 using BlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, const float*,
                          c10::BFloat16*, int64_t);
 
-constexpr int kMaxTiles = 4, kMaxRows = 6;
-
 template <int NT>
 BlockFn pick_rows(int64_t rows) {
   switch (rows) {
@@ -77,35 +80,105 @@ BlockFn pick(int64_t tiles, int64_t rows) {
 }
 #endif
 
-bool gemm_available() {
-#if defined(E3RL_GEMM_BF16)
-  return true;
-#else
-  return false;
-#endif
+#if defined(E3RL_GEMM_F32)
+// float32: tiles [O/16, I, 16]; acc[n][r] += W_tile(n)[i] * x[r, i] (one FMA per load and
+// row, the row's input broadcast), summed over i in order, then the bias.
+template <int NT, int R>
+void tile_block_f32(const float* w, int64_t in, const float* x, const float* bias, float* out,
+                    int64_t out_stride) {
+  __m512 acc[NT][R];
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; ++i) {
+    __m512 wv[NT];
+    for (int n = 0; n < NT; ++n) wv[n] = _mm512_loadu_ps(w + (n * in + i) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * in + i]);
+      for (int n = 0; n < NT; ++n) acc[n][r] = _mm512_fmadd_ps(wv[n], xv, acc[n][r]);
+    }
+  }
+  for (int n = 0; n < NT; ++n) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + n * 16) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_storeu_ps(out + r * out_stride + n * 16, _mm512_add_ps(acc[n][r], b));
+  }
 }
 
-// [O, I] -> [O/16, I/2, 16, 2]: the layout ``small_gemm`` reads.
+using BlockFnF32 = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t);
+
+template <int NT>
+BlockFnF32 pick_rows_f32(int64_t rows) {
+  switch (rows) {
+    case 1: return tile_block_f32<NT, 1>;
+    case 2: return tile_block_f32<NT, 2>;
+    case 3: return tile_block_f32<NT, 3>;
+    case 4: return tile_block_f32<NT, 4>;
+    case 5: return tile_block_f32<NT, 5>;
+    default: return tile_block_f32<NT, 6>;
+  }
+}
+
+BlockFnF32 pick_f32(int64_t tiles, int64_t rows) {
+  switch (tiles) {
+    case 1: return pick_rows_f32<1>(rows);
+    case 2: return pick_rows_f32<2>(rows);
+    case 3: return pick_rows_f32<3>(rows);
+    default: return pick_rows_f32<4>(rows);
+  }
+}
+#endif
+
+bool gemm_available(c10::ScalarType dtype) {
+#if defined(E3RL_GEMM_BF16)
+  if (dtype == at::kBFloat16) return true;
+#endif
+#if defined(E3RL_GEMM_F32)
+  if (dtype == at::kFloat) return true;
+#endif
+  return false;
+}
+
+// [O, I] -> bf16 [O/16, I/2, 16, 2] or float32 [O/16, I, 16]: the layout ``small_gemm`` reads.
 at::Tensor tile_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 2 && (dtype == at::kBFloat16 || dtype == at::kFloat) &&
                   weight.device().is_cpu(),
-              "tile_weight: weight must be bf16 [out, in] on CPU");
+              "tile_weight: weight must be bf16 or float32 [out, in] on CPU");
   const int64_t o = weight.size(0), i = weight.size(1);
-  TORCH_CHECK(o % 16 == 0 && i % 2 == 0, "tile_weight: out must be a multiple of 16 and in even");
+  TORCH_CHECK(o % 16 == 0, "tile_weight: out must be a multiple of 16");
+  if (dtype == at::kFloat) return weight.view({o / 16, 16, i}).permute({0, 2, 1}).contiguous();
+  TORCH_CHECK(i % 2 == 0, "tile_weight: a bf16 weight needs an even number of inputs");
   return weight.view({o / 16, 16, i / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// Threads take groups of up to kMaxTiles tiles; a group's weights come from memory for its
+// first block of rows and from cache for the others. ``block(t0, nt, r0, r)`` does one block.
+template <typename Block>
+void over_blocks(int64_t tiles, int64_t rows, const Block& block) {
+  const int64_t groups = (tiles + kMaxTiles - 1) / kMaxTiles;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t t0 = g * kMaxTiles, nt = std::min<int64_t>(kMaxTiles, tiles - t0);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows)
+        block(t0, nt, r0, std::min<int64_t>(kMaxRows, rows - r0));
+    }
+  });
 }
 
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(gemm_available(), "small_gemm: this build has no AVX512_BF16 kernel");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-              "small_gemm: x must be bf16 [rows, in] on CPU");
-  TORCH_CHECK(tiled.dim() == 4 && tiled.size(2) == 16 && tiled.size(3) == 2 &&
-                  tiled.scalar_type() == at::kBFloat16 && tiled.is_contiguous(),
+  const auto dtype = tiled.scalar_type();
+  const bool f32 = dtype == at::kFloat;
+  TORCH_CHECK(gemm_available(dtype), "small_gemm: this build has no ", dtype, " kernel");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.device().is_cpu(),
+              "small_gemm: x must be ", dtype, " [rows, in] on CPU, as the weight");
+  TORCH_CHECK(tiled.is_contiguous() &&
+                  (f32 ? tiled.dim() == 3 && tiled.size(2) == 16
+                       : tiled.dim() == 4 && tiled.size(2) == 16 && tiled.size(3) == 2),
               "small_gemm: weight must come from tile_weight");
-  const int64_t rows = x.size(0), pairs = tiled.size(1), tiles = tiled.size(0);
-  TORCH_CHECK(x.size(1) == 2 * pairs, "small_gemm: x has ", x.size(1), " inputs, weight ",
-              2 * pairs);
+  const int64_t rows = x.size(0), tiles = tiled.size(0);
+  const int64_t in = f32 ? tiled.size(1) : 2 * tiled.size(1);
+  TORCH_CHECK(x.size(1) == in, "small_gemm: x has ", x.size(1), " inputs, weight ", in);
   const at::Tensor xc = x.contiguous();
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
@@ -113,24 +186,28 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
     bias_f = bias->to(at::kFloat).contiguous();
   }
   at::Tensor out = at::empty({rows, tiles * 16}, x.options());
+  const int64_t out_stride = tiles * 16;
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  if (f32) {
+#if defined(E3RL_GEMM_F32)
+    const float* xp = xc.data_ptr<float>();
+    const float* wp = tiled.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    over_blocks(tiles, rows, [&](int64_t t0, int64_t nt, int64_t r0, int64_t r) {
+      pick_f32(nt, r)(wp + t0 * in * 16, in, xp + r0 * in, bp ? bp + t0 * 16 : nullptr,
+                      op + r0 * out_stride + t0 * 16, out_stride);
+    });
+#endif
+    return out;
+  }
 #if defined(E3RL_GEMM_BF16)
+  const int64_t pairs = in / 2;
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint32_t*>(tiled.data_ptr<c10::BFloat16>());
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  const int64_t out_stride = tiles * 16;
-  // Threads take groups of up to kMaxTiles tiles; a group's weights come from memory for its
-  // first block of rows and from cache for the others.
-  const int64_t groups = (tiles + kMaxTiles - 1) / kMaxTiles;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t t0 = g * kMaxTiles, nt = std::min<int64_t>(kMaxTiles, tiles - t0);
-      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-        const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
-        pick(nt, r)(wp + t0 * pairs * 16, pairs, xp + r0 * pairs, bp ? bp + t0 * 16 : nullptr,
-                    op + r0 * out_stride + t0 * 16, out_stride);
-      }
-    }
+  over_blocks(tiles, rows, [&](int64_t t0, int64_t nt, int64_t r0, int64_t r) {
+    pick(nt, r)(wp + t0 * pairs * 16, pairs, xp + r0 * pairs, bp ? bp + t0 * 16 : nullptr,
+                op + r0 * out_stride + t0 * 16, out_stride);
   });
 #endif
   return out;
@@ -139,7 +216,7 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(e3rl, m) {
-  m.def("gemm_available() -> bool", &gemm_available);
+  m.def("gemm_available(ScalarType dtype) -> bool", &gemm_available);
   m.def("tile_weight(Tensor weight) -> Tensor");
   m.def("small_gemm(Tensor x, Tensor tiled, Tensor? bias) -> Tensor");
 }

@@ -185,8 +185,8 @@ def test_optimize_fuses_listed_rms_norms_only(dtype):
 
     paths = cpu_model.optimize(tree)
     assert paths.fused_norms == 4 and paths.packed_linears + paths.tiled_linears == 1
-    # e3rl's bf16 product where the CPU has it; oneDNN's packed weight otherwise (and in fp32)
-    tiled = dtype == torch.bfloat16 and kernels.gemm_available()
+    # e3rl's product where the CPU has it for this dtype; oneDNN's packed weight otherwise
+    tiled = kernels.gemm_available(dtype)
     assert paths.tiled_linears == int(tiled)
     for module in listed.values():
         assert "forward" in module.__dict__
@@ -264,11 +264,16 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-def test_float32_keeps_transformers_paths(tiny_model):
+def test_float32_takes_only_the_tiled_products(tiny_model):
     runner = LLM(tiny_model, dtype="float32", num_kv_blocks=16).engine.runner
     assert runner.dtype == torch.float32
-    assert runner.fast_paths == cpu_model.FastPaths()
-    assert not any("forward" in m.__dict__ for m in runner.model.modules())
+    linears = [m for m in runner.model.modules() if isinstance(m, nn.Linear)]
+    tiled = [m for m in linears if kernels.gemm_available(torch.float32)
+             and m.out_features % 16 == 0]
+    assert runner.fast_paths == cpu_model.FastPaths(tiled_linears=len(tiled))
+    switched = [m for m in runner.model.modules() if "forward" in m.__dict__]
+    assert switched == tiled  # no packed copies, no fused norms: transformers' arithmetic
+    assert runner.model_impl == "transformers"
 
 
 def test_greedy_kernel_picks_the_first_nan_like_torch_argmax():
@@ -287,3 +292,19 @@ def test_fusing_norms_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     assert cpu_model.optimize(tree).fused_norms == 1
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_float32_update_weights_refreshes_tiled_linears(tmp_path):
+    first = build_random_model(tmp_path / "first", TINY_CONFIGS["qwen3"], seed=1)
+    second = build_random_model(tmp_path / "second", TINY_CONFIGS["qwen3"], seed=2)
+    llm = LLM(first, dtype="float32", num_kv_blocks=64)
+    before = _greedy_ids(llm)
+    llm.update_weights(second, "v2")
+    assert _greedy_ids(llm) == _greedy_ids(LLM(second, dtype="float32", num_kv_blocks=64))
+    assert _greedy_ids(llm) != before
+    for m in llm.engine.runner.model.modules():
+        if hasattr(m, "e3rl_tiled_weight"):  # each tiled copy holds the new weight
+            x = torch.randn(3, m.in_features)
+            with torch.no_grad():
+                torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias),
+                                           atol=1e-5, rtol=1e-5)

@@ -217,6 +217,9 @@ def test_weight_update_reaches_native_forward(tmp_path):
 needs_bf16_gemm = pytest.mark.skipif(
     not (kernels.load_cpu_kernels() or kernels.gemm_available()),
     reason="this CPU has no AVX512_BF16 (the kernel is not built; oneDNN's product is used)")
+needs_f32_gemm = pytest.mark.skipif(
+    not (kernels.load_cpu_kernels() or kernels.gemm_available(torch.float32)),
+    reason="this CPU has no AVX-512 (the kernel is not built; torch's product is used)")
 
 
 @needs_bf16_gemm
@@ -233,13 +236,38 @@ def test_small_gemm_equals_float32_product(rows, outputs, bias):
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-3 * want.abs().max())
 
 
+@needs_f32_gemm
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("outputs", [16, 48, 80, 112])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_small_gemm_equals_float64_product(rows, outputs, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + outputs)
+    x, w = torch.randn(rows, 69, generator=g), torch.randn(outputs, 69, generator=g)
+    b = torch.randn(outputs, generator=g) if bias else None
+    got = kernels.small_gemm(x, kernels.tile_weight(w), b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (rows, outputs)
+    # float32 sums of 69 products in order: a few ulps of the terms' magnitude
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * 69 ** 0.5)
+    # each row's result is the same whatever rows come with it (batch-invariant)
+    for r in range(rows):
+        assert torch.equal(kernels.small_gemm(x[r:r + 1], kernels.tile_weight(w), b), got[r:r + 1])
+
+
 @needs_bf16_gemm
 def test_small_gemm_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.tile_weight(_bf16((20, 8), 0))
-    with pytest.raises(RuntimeError, match="multiple of 16 and in even"):
+    with pytest.raises(RuntimeError, match="bf16 weight needs an even number of inputs"):
         kernels.tile_weight(_bf16((16, 7), 0))
+    with pytest.raises(RuntimeError, match="must be bf16 or float32"):
+        kernels.tile_weight(torch.ones(16, 8, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="x has 6 inputs, weight 8"):
         kernels.small_gemm(_bf16((2, 6), 1), kernels.tile_weight(_bf16((16, 8), 2)), None)
-    with pytest.raises(RuntimeError, match="must be bf16"):
+    with pytest.raises(RuntimeError, match="x must be BFloat16"):
         kernels.small_gemm(torch.ones(2, 8), kernels.tile_weight(_bf16((16, 8), 2)), None)
+    with pytest.raises(RuntimeError, match="x must be Float"):
+        kernels.small_gemm(_bf16((2, 8), 1), kernels.tile_weight(torch.ones(16, 8)), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernels.small_gemm(torch.ones(2, 8), kernels.tile_weight(torch.ones(16, 8)),
+                           torch.ones(8))
