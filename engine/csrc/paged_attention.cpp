@@ -9,7 +9,8 @@
 //
 // Work is split over (sequence, KV head); the query heads sharing a KV head are computed
 // together so each K/V row is read once. Scores, softmax and accumulation are float32
-// (online softmax, one block at a time); the output is written in the cache's dtype.
+// (online softmax over spans of up to 256 tokens of whole blocks: scores of a span first,
+// one softmax step, then its values); the output is written in the cache's dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -89,8 +90,8 @@ inline void axpy(float p, const float* row, float* acc, int64_t dim) {
 #if defined(__AVX512F__)
 // One block of one KV head with the head dim (CH x 16) and the query heads per KV head (G)
 // known at compile time, so queries and accumulators stay in registers.
-//   p[j * bs + t] = scale * q_j . k_t                      (scores_block)
-//   acc_j = acc_j * correction_j + sum_t p[j * bs + t] v_t  (accumulate_block)
+//   p[j * p_stride + t] = scale * q_j . k_t                      (scores_block)
+//   acc_j = acc_j * correction_j + sum_t p[j * p_stride + t] v_t  (accumulate_block)
 // The four horizontal sums of a0..a3, as one 128-bit vector [sum a0, sum a1, sum a2, sum a3]
 // (a transpose-and-add: ~13 instructions instead of four separate reductions).
 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -106,7 +107,7 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 template <int CH, int G, typename T>
 inline void scores_block(const float* qf, const T* /*q*/, const T* kb, int64_t token_stride, int64_t nt,
-                         int64_t bs, float scale, float* p) {
+                         int64_t p_stride, float scale, float* p) {
   __m512 qr[G][CH];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < CH; ++c) qr[j][c] = _mm512_loadu_ps(qf + j * CH * 16 + c * 16);
@@ -125,7 +126,7 @@ inline void scores_block(const float* qf, const T* /*q*/, const T* kb, int64_t t
       }
     }
     for (int j = 0; j < G; ++j)
-      _mm_storeu_ps(p + j * bs + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
+      _mm_storeu_ps(p + j * p_stride + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
   }
   for (; t < nt; ++t) {
     const T* kr = kb + t * token_stride;
@@ -134,13 +135,13 @@ inline void scores_block(const float* qf, const T* /*q*/, const T* kb, int64_t t
     for (int j = 0; j < G; ++j) {
       __m512 a = _mm512_mul_ps(qr[j][0], kv[0]);
       for (int c = 1; c < CH; ++c) a = _mm512_fmadd_ps(qr[j][c], kv[c], a);
-      p[j * bs + t] = _mm512_reduce_add_ps(a) * scale;
+      p[j * p_stride + t] = _mm512_reduce_add_ps(a) * scale;
     }
   }
 }
 
 template <int CH, int G, typename T>
-inline void accumulate_block(const T* vb, int64_t token_stride, int64_t nt, int64_t bs,
+inline void accumulate_block(const T* vb, int64_t token_stride, int64_t nt, int64_t p_stride,
                              const float* p, const float* correction, float* acc) {
   __m512 ar[G][CH];
   for (int j = 0; j < G; ++j) {
@@ -152,7 +153,7 @@ inline void accumulate_block(const T* vb, int64_t token_stride, int64_t nt, int6
     __m512 vv[CH];
     for (int c = 0; c < CH; ++c) vv[c] = load16(vr + c * 16);
     for (int j = 0; j < G; ++j) {
-      const __m512 pt = _mm512_set1_ps(p[j * bs + t]);
+      const __m512 pt = _mm512_set1_ps(p[j * p_stride + t]);
       for (int c = 0; c < CH; ++c) ar[j][c] = _mm512_fmadd_ps(pt, vv[c], ar[j][c]);
     }
   }
@@ -192,7 +193,7 @@ inline float softmax_block(float* p, int64_t nt, float& m, float& l) {
 template <int Z, int G>
 inline void scores_block_bf16(const float* /*qf*/, const c10::BFloat16* q,
                               const c10::BFloat16* kb, int64_t token_stride, int64_t nt,
-                              int64_t bs, float scale, float* p) {
+                              int64_t p_stride, float scale, float* p) {
   __m512bh qr[G][Z];
   for (int j = 0; j < G; ++j)
     for (int z = 0; z < Z; ++z) qr[j][z] = (__m512bh)_mm512_loadu_si512(q + j * Z * 32 + z * 32);
@@ -211,7 +212,7 @@ inline void scores_block_bf16(const float* /*qf*/, const c10::BFloat16* q,
       }
     }
     for (int j = 0; j < G; ++j)
-      _mm_storeu_ps(p + j * bs + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
+      _mm_storeu_ps(p + j * p_stride + t, _mm_mul_ps(reduce4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), vscale));
   }
   for (; t < nt; ++t) {
     const c10::BFloat16* kr = kb + t * token_stride;
@@ -220,7 +221,7 @@ inline void scores_block_bf16(const float* /*qf*/, const c10::BFloat16* q,
     for (int j = 0; j < G; ++j) {
       __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[j][0], kv[0]);
       for (int z = 1; z < Z; ++z) a = _mm512_dpbf16_ps(a, qr[j][z], kv[z]);
-      p[j * bs + t] = _mm512_reduce_add_ps(a) * scale;
+      p[j * p_stride + t] = _mm512_reduce_add_ps(a) * scale;
     }
   }
 }
@@ -267,6 +268,9 @@ inline void prefetch_block(const T* base, int64_t nt, int64_t token_stride, int6
 #endif
 }
 
+// The most tokens whose scores are computed before one softmax step (whole blocks; at least one).
+constexpr int64_t kSpanTokens = 256;
+
 template <typename T>
 void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -294,59 +298,66 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
   pick_block_kernels<T>(dim, group, fast_scores, fast_accumulate);
 #endif
 
+  // Scores of a span of whole blocks (up to kSpanTokens tokens) are computed before one online
+  // softmax step over them all: its reductions and rescaling run once per span, not per block.
+  const int64_t span_blocks = std::max<int64_t>(1, kSpanTokens / bs), span = span_blocks * bs;
+  const int64_t row_bytes = item_kv_heads * dim * static_cast<int64_t>(sizeof(T));
+
   // Items are dealt round-robin: sequences arrive sorted by length, and contiguous ranges
   // would give one thread all the long ones.
   const int64_t items = n * splits, lanes = std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
-    std::vector<float> qf(item_heads * dim), acc(item_heads * dim), row(dim), p(item_heads * bs);
-    std::vector<float> m(item_heads), l(item_heads), corr(item_heads);
+    std::vector<float> qf(item_heads * dim), acc(item_heads * dim), row(dim), p(item_heads * span);
+    std::vector<float> m(item_heads), l(item_heads), corr(item_heads), ones(item_heads, 1.f);
     for (int64_t lane = lane_begin; lane < lane_end; ++lane)
     for (int64_t w = lane; w < items; w += lanes) {
       const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
-      const int64_t ctx = lens[s];
+      const int64_t ctx = lens[s], ctx_blocks = (ctx + bs - 1) / bs;
       const int64_t* table = tables + (row_tables ? row_tables[s] : s) * max_blocks;
       const T* qrow = q + (s * num_heads + h0 * group) * dim;
+      const auto tokens = [&](int64_t b) { return std::min(bs, ctx - b * bs); };
+      const auto k_block = [&](int64_t b) { return k + table[b] * block_stride + h0 * dim; };
+      const auto v_block = [&](int64_t b) { return v + table[b] * block_stride + h0 * dim; };
       to_float(qrow, qf.data(), item_heads * dim);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t b = 0; b * bs < ctx; ++b) {
-        const int64_t block = table[b];
-        const int64_t nt = std::min(bs, ctx - b * bs);
-        const T* kb = k + block * block_stride + h0 * dim;
-        const T* vb = v + block * block_stride + h0 * dim;
-        if ((b + 1) * bs < ctx) {
-          const int64_t next = table[b + 1], nt_next = std::min(bs, ctx - (b + 1) * bs);
-          const int64_t row_bytes = item_kv_heads * dim * static_cast<int64_t>(sizeof(T));
-          prefetch_block(k + next * block_stride + h0 * dim, nt_next, token_stride, row_bytes);
-          prefetch_block(v + next * block_stride + h0 * dim, nt_next, token_stride, row_bytes);
-        }
-        if (fast_scores) {
-          for (int64_t hh = 0; hh < item_kv_heads; ++hh)
-            fast_scores(qf.data() + hh * group * dim, qrow + hh * group * dim, kb + hh * dim,
-                        token_stride, nt, bs, fscale,
-                        p.data() + hh * group * bs);
-        } else {
+      for (int64_t b0 = 0; b0 < ctx_blocks; b0 += span_blocks) {
+        const int64_t b1 = std::min(ctx_blocks, b0 + span_blocks);
+        const int64_t span_len = std::min(ctx, b1 * bs) - b0 * bs;
+        // p[j * span + t]: the score of the span's token t for query head j of the item
+        for (int64_t b = b0; b < b1; ++b) {  // scores; meanwhile the next K (or first V) block
+          const int64_t nb = b + 1 < b1 ? b + 1 : b0;
+          prefetch_block(b + 1 < b1 ? k_block(nb) : v_block(nb), tokens(nb), token_stride,
+                         row_bytes);
+          const T* kb = k_block(b);
+          const int64_t nt = tokens(b), off = (b - b0) * bs;
+          if (fast_scores) {
+            for (int64_t hh = 0; hh < item_kv_heads; ++hh)
+              fast_scores(qf.data() + hh * group * dim, qrow + hh * group * dim, kb + hh * dim,
+                          token_stride, nt, span, fscale, p.data() + hh * group * span + off);
+            continue;
+          }
           for (int64_t t = 0; t < nt; ++t) {
             for (int64_t hh = 0; hh < item_kv_heads; ++hh) {
               to_float(kb + t * token_stride + hh * dim, row.data(), dim);
               for (int64_t j = hh * group; j < (hh + 1) * group; ++j)
-                p[j * bs + t] = dot(qf.data() + j * dim, row.data(), dim) * fscale;
+                p[j * span + off + t] = dot(qf.data() + j * dim, row.data(), dim) * fscale;
             }
           }
         }
         for (int64_t j = 0; j < item_heads; ++j) {
-          float* pj = p.data() + j * bs;
+          float* pj = p.data() + j * span;
 #if defined(__AVX512F__)
-          corr[j] = softmax_block(pj, nt, m[j], l[j]);
+          corr[j] = softmax_block(pj, span_len, m[j], l[j]);
 #else
           float block_max = pj[0];
-          for (int64_t t = 1; t < nt; ++t) block_max = std::max(block_max, pj[t]);
+          for (int64_t t = 1; t < span_len; ++t) block_max = std::max(block_max, pj[t]);
           const float new_max = std::max(m[j], block_max);
           const float correction = std::exp(m[j] - new_max);
           float sum = 0.f;
-          for (int64_t t = 0; t < nt; t += Vec::size()) {
-            const int64_t c = std::min<int64_t>(Vec::size(), nt - t);
+          for (int64_t t = 0; t < span_len; t += Vec::size()) {
+            const int64_t c = std::min<int64_t>(Vec::size(), span_len - t);
             const Vec e = (Vec::loadu(pj + t, c) - Vec(new_max)).exp_u20();
             e.store(pj + t, c);
             for (int64_t i = 0; i < c; ++i) sum += pj[t + i];
@@ -356,22 +367,33 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
           corr[j] = correction;
 #endif
         }
-        if (fast_accumulate) {
-          for (int64_t hh = 0; hh < item_kv_heads; ++hh)
-            fast_accumulate(vb + hh * dim, token_stride, nt, bs, p.data() + hh * group * bs,
-                            corr.data() + hh * group, acc.data() + hh * group * dim);
-          continue;
-        }
-        for (int64_t j = 0; j < item_heads; ++j) {
-          if (corr[j] == 1.f) continue;
-          float* aj = acc.data() + j * dim;
-          for (int64_t d = 0; d < dim; ++d) aj[d] *= corr[j];
-        }
-        for (int64_t t = 0; t < nt; ++t) {
-          for (int64_t hh = 0; hh < item_kv_heads; ++hh) {
-            to_float(vb + t * token_stride + hh * dim, row.data(), dim);
-            for (int64_t j = hh * group; j < (hh + 1) * group; ++j)
-              axpy(p[j * bs + t], row.data(), acc.data() + j * dim, dim);
+        for (int64_t b = b0; b < b1; ++b) {  // values; meanwhile the next V (or K) block
+          if (b + 1 < b1)
+            prefetch_block(v_block(b + 1), tokens(b + 1), token_stride, row_bytes);
+          else if (b1 < ctx_blocks)
+            prefetch_block(k_block(b1), tokens(b1), token_stride, row_bytes);
+          const T* vb = v_block(b);
+          const int64_t nt = tokens(b), off = (b - b0) * bs;
+          // earlier spans' sums are rescaled once, with the span's first block
+          const float* scale_by = b == b0 ? corr.data() : ones.data();
+          if (fast_accumulate) {
+            for (int64_t hh = 0; hh < item_kv_heads; ++hh)
+              fast_accumulate(vb + hh * dim, token_stride, nt, span,
+                              p.data() + hh * group * span + off, scale_by + hh * group,
+                              acc.data() + hh * group * dim);
+            continue;
+          }
+          for (int64_t j = 0; j < item_heads; ++j) {
+            if (scale_by[j] == 1.f) continue;
+            float* aj = acc.data() + j * dim;
+            for (int64_t d = 0; d < dim; ++d) aj[d] *= scale_by[j];
+          }
+          for (int64_t t = 0; t < nt; ++t) {
+            for (int64_t hh = 0; hh < item_kv_heads; ++hh) {
+              to_float(vb + t * token_stride + hh * dim, row.data(), dim);
+              for (int64_t j = hh * group; j < (hh + 1) * group; ++j)
+                axpy(p[j * span + off + t], row.data(), acc.data() + j * dim, dim);
+            }
           }
         }
       }

@@ -60,6 +60,36 @@ def test_kernel_matches_sdpa(dtype, head_dim, group, num_seqs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 40])  # the register kernels and the generic path
+@pytest.mark.parametrize("block_size", [16, 24, 512])
+def test_kernel_matches_sdpa_over_long_contexts(dtype, head_dim, block_size):
+    """Contexts of several spans (the kernel takes up to 256 tokens of whole blocks per
+    softmax step; 240 with 24-token blocks, one 512-token block), ending at and inside them."""
+    g = torch.Generator().manual_seed(block_size + head_dim)
+    num_kv_heads, group = 2, 3
+    lens = torch.tensor([1, 255, 256, 257, 700, 1100])
+    max_blocks = int(-(-lens.max() // block_size))
+    num_blocks = int(sum(-(-n // block_size) for n in lens.tolist())) + 3
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.long)
+    used = 0
+    for s, n in enumerate(lens.tolist()):
+        nb = -(-n // block_size)
+        tables[s, :nb] = perm[used:used + nb]
+        used += nb
+    # scores far apart between spans: the online softmax's rescaling must carry them
+    q = 4 * torch.randn(len(lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, scale)
+    expected = reference(q, k_cache, v_cache, tables, lens.tolist(), scale)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_rows_sharing_tables_attend_causally(dtype):
     """Prefill through the kernel: the rows of a chunk share their sequence's table (via
     ``row_tables``), each over its own causal context, mixed with decode rows; every row equals
