@@ -5,7 +5,8 @@
    the prompt: with the prefix as the prompt (prefill it again, then 32 tokens), and with
    the prefix generated (sample all 1,032 tokens again).
 2. Throughput of a mixed workload with healing on but a threshold that is never reached, vs
-   healing off, in the same run.
+   healing off, in the same run: ``--pairs`` back-to-back pairs in alternating order; the
+   median of the per-pair ratios, each pair's ratio and best vs best are printed.
 
     .venv/bin/python benchmarks/healing_cost.py [--dtype bfloat16]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,23 +87,29 @@ def erase_vs_resample(llm, prompt_len=24, generated=1000, seg=32):
     return erase, _run_to_end(engine)
 
 
-def never_triggered(llm, work):
+def never_triggered(llm, work, pairs: int):
+    """Wall times of healing off and on (never firing), run as ``pairs`` back-to-back pairs
+    whose order alternates (off-on, on-off, ...), so drift in the machine's speed falls on
+    both. Returns the per-pair ratios off/on and each configuration's times."""
     base = [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True)
             for i, n in enumerate(work.output_lens)]
     healed = [p.clone(healing={"threshold": math.inf}) for p in base]
     times = {"off": [], "on": []}
-    for _ in range(2):  # interleaved, best of 2
-        for name, params in (("off", base), ("on", healed)):
+    order = [("off", base), ("on", healed)]
+    for k in range(pairs):
+        for name, params in order if k % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             llm.generate(work.prompts, params, use_tqdm=False)
             times[name].append(time.perf_counter() - t0)
-    return min(times["off"]), min(times["on"])
+    return [off / on for off, on in zip(times["off"], times["on"])], times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=8,
+                        help="healing off/on pairs for the never-triggered comparison")
     args = parser.parse_args()
     torch.manual_seed(0)
     llm = LLM(bench_model(), dtype=args.dtype, kv_cache_memory_gb=2.0)
@@ -117,11 +125,13 @@ def main() -> None:
           f"({resample / erase:.0f}x the erase)  ({load.note()})")
     work = mixed_workload(args.num_requests, output_range=(16, 128))
     with LoadMonitor() as load:
-        off, on = never_triggered(llm, work)
+        ratios, times = never_triggered(llm, work, args.pairs)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
     print(f"[{args.dtype}] healing never triggered: {work.num_output_tokens / on:.1f} tok/s vs off "
-          f"{work.num_output_tokens / off:.1f} tok/s = {100 * off / on:.1f}% of healing-off "
-          f"throughput  ({load.note()})")
-
+          f"{work.num_output_tokens / off:.1f} tok/s (medians of {args.pairs}); per pair "
+          f"{100 * statistics.median(ratios):.1f}% of healing-off throughput (median; pairs "
+          f"{', '.join(f'{100 * r:.1f}' for r in ratios)}); best vs best "
+          f"{100 * min(times['off']) / min(times['on']):.1f}%  ({load.note()})")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ the engine's own TTFT under the same arrivals), the offline engine in the same c
 same step, no HTTP, no process boundary, no delay), and the offline engine with all requests
 queued at once (``LLM.generate``); same model, dtype, threads and batch limit. Printed per
 concurrency: output tok/s and the ratio to each offline row, TTFT / inter-token percentiles,
-whether greedy texts match offline.
+whether greedy texts match offline, and the CPU seconds of the server's front end, its engine
+core and the load generator during each server row.
 
     .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
         [--concurrency 32,64] [--num-threads N] [--out FILE.json]
@@ -209,18 +210,34 @@ def run_offline_closed_loop(args, prompts, output_lens, concurrency) -> tuple[fl
     return time.perf_counter() - t0, ttfts
 
 
+def cpu_seconds(server: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of the server's front end, of its children (the engine core), and
+    of this process (the load generator)."""
+    def used(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system
+
+    return {"front_end": used(server),
+            "engine_core": sum(used(c) for c in server.children(recursive=True)),
+            "client": used(psutil.Process())}
+
+
 def run_server(args, work, concurrency: int, engine_process: bool) -> dict:
     server, url = start_server(args, concurrency, engine_process)
     try:
+        proc = psutil.Process(server.pid)
+        before = cpu_seconds(proc)
         with LoadMonitor(server.pid) as load:
             wall, stats = asyncio.run(run_load(url, work.prompts, work.output_lens,
                                                concurrency))
+        after = cpu_seconds(proc)
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=60)
     assert sum(s.num_tokens for s in stats) == work.num_output_tokens, "token counts differ"
     return {"wall_s": wall, "ttft_s": [s.ttft_s for s in stats],
             "itl_s": [x for s in stats for x in s.itl_s], "texts": [s.text for s in stats],
+            "cpu_s": {k: after[k] - before[k] for k in after},
             "other_load": load.other_share, "note": load.note()}
 
 
@@ -288,6 +305,11 @@ def main() -> None:
                   f"{1e3 * ttft[50]:9.0f} "
                   f"{1e3 * ttft[90]:7.0f} {1e3 * itl[50]:8.1f} {1e3 * itl[99]:6.0f}  "
                   f"{run['note']}")
+        for name in ("process", "thread"):
+            if name in runs:
+                cpu = runs[name]["cpu_s"]
+                print(f"CPU seconds during {labels[name]} ({runs[name]['wall_s']:.1f} s wall): "
+                      + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in cpu.items()))
         for ref in ("engine", "loop"):
             if ref in runs:
                 for name in ("process", "thread"):

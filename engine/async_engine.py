@@ -132,10 +132,7 @@ class AsyncEngine(EngineClient):
                     pass
                 outputs, failed = self._step() if self.engine.has_unfinished_requests() \
                     else ([], [])
-                for request_id, error in failed:
-                    self._deliver(request_id, error)
-                for delta in outputs:
-                    self._deliver(delta.request_id, delta)
+                self._deliver_all([*failed, *((delta.request_id, delta) for delta in outputs)])
                 for listener in self.step_listeners:
                     listener(self.engine, outputs)
                 self.latest_stats = self.engine.stats()

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .config import EngineConfig
 from .errors import EngineDead, InvalidRequest, QueueFull
@@ -151,11 +151,23 @@ class EngineClient(ABC):
             self._num_queued -= num_requests
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its request's stream, in order, with one wake-up of each event
+        loop for all of them (a step's deltas: one wake-up, not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id in list(self._streams):
-            self._deliver(request_id, error)
+        self._deliver_all([(request_id, error) for request_id in list(self._streams)])
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for stream, item in puts:
+        stream.put_nowait(item)

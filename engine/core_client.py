@@ -26,6 +26,7 @@ from .core_messages import (Abort, AddRequest, CallResult, Command, CoreDead, Ev
                             RequestError, Shutdown, StartupFailed, StepOutputs, UpdateWeights)
 from .errors import EngineDead, EngineStartError, InvalidRequest, QueueFull, StepFailed, \
     WeightUpdateError
+from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -205,15 +206,17 @@ class EngineCoreClient(EngineClient):
             if event.num_taken_in != self._num_taken_in:
                 self._taken_in(event.num_taken_in - self._num_taken_in)
                 self._num_taken_in = event.num_taken_in
+            items: list[tuple[str, RequestOutput | BaseException]] = []
             for error in event.errors:
                 self._prompts.pop(error.request_id, None)
-                self._deliver(error.request_id, _exception(error))
+                items.append((error.request_id, _exception(error)))
             for delta in event.outputs:
                 prompt = self._prompts.pop(delta.request_id, None) if delta.finished \
                     else self._prompts.get(delta.request_id)
                 if prompt is not None:
                     delta.prompt, delta.prompt_token_ids = prompt
-                self._deliver(delta.request_id, delta)
+                items.append((delta.request_id, delta))
+            self._deliver_all(items)
         elif isinstance(event, CallResult):
             self.latest_stats = event.stats  # /v1/models and /metrics see a swap at once
             future = self._calls.pop(event.call_id, None)
