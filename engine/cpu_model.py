@@ -10,6 +10,11 @@ are unchanged); only some forwards of this one model instance are switched:
   32, and on par at prefill sizes; float32 ``nn.Linear`` likewise with the AVX-512 float32
   kernel (1.5x torch's MKL product at one row, 2.8x at 16, 2.0x at 32, 1.5x at 256 rows on
   this project's AMD machine, where MKL does not reach the CPU's peak);
+- a SiLU-gated MLP's bf16 gate and up projections share one tiled weight, their tiles
+  alternating (``kernels.tile_gate_up``; no more memory than two copies): e3rl's forward
+  computes both products and the SiLU-and-multiply in one pass over it
+  (``kernels.small_gemm_silu_mul``, bit for bit the two products then ``silu_mul``), and
+  each projection's own forward reads its tiles of it;
 - other bf16 ``nn.Linear`` multiply with a oneDNN-prepacked copy of their weight: at decode
   sizes oneDNN reads a prepacked weight ~1.4x faster than the plain layout (15.0 -> 10.5 ms
   per forward at one row, 17.8 -> 13.3 ms at 32), same products;
@@ -17,12 +22,13 @@ are unchanged); only some forwards of this one model instance are switched:
   arithmetic (~4x faster per call; a rare one-ulp rounding difference), each checked against
   the module's own forward on a random input before it is switched.
 
-The engine applies all of them in bf16, and in float32 only the tiled products (``optimize``'s
-``pack_linears`` / ``fuse_norms`` off): their sums differ from MKL's only in order, a few ulps,
-and greedy outputs stay token-identical to transformers' (``benchmarks/throughput.py`` checks
-it on every run). Sharing one GEMM between the q/k/v projections (and between gate/up) was tried
-and measured no faster end to end on CPU, so projections keep their own GEMMs. ``refresh``
-re-derives the tiled and packed copies after the weights changed (one derived copy per weight).
+The engine applies all of them in bf16, and in float32 only the tiled products
+(``optimize``'s ``pack_linears`` / ``fuse_norms`` off; gate/up sharing is bf16 only): their
+sums differ from MKL's only in order, a few ulps, and greedy outputs stay token-identical to
+transformers' (``benchmarks/throughput.py`` checks it on every run). One oneDNN GEMM shared by
+the q/k/v projections (and by gate/up, before the fused SiLU pass) was tried and measured no
+faster end to end on CPU, so q/k/v keep their own products. ``refresh`` re-derives the tiled
+and packed copies after the weights changed (one derived copy per weight).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class FastPaths:
 
     packed_linears: int = 0  # oneDNN-prepacked copy
     tiled_linears: int = 0  # e3rl's bf16 / float32 product (kernels.small_gemm)
+    fused_gate_up: int = 0  # MLPs whose gate and up share one tiled weight (bf16)
     fused_norms: int = 0
 
 
@@ -61,10 +68,38 @@ def _packed_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Te
 
 
 def _tiled_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    first, step = module.e3rl_tiles
     if x.dim() == 2:
-        return kernels.small_gemm(x, module.e3rl_tiled_weight, module.bias)
-    out = kernels.small_gemm(x.reshape(-1, x.shape[-1]), module.e3rl_tiled_weight, module.bias)
+        return kernels.small_gemm(x, module.e3rl_tiled_weight, module.bias, first, step)
+    out = kernels.small_gemm(x.reshape(-1, x.shape[-1]), module.e3rl_tiled_weight, module.bias,
+                             first, step)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _tile(module: torch.nn.Linear) -> None:
+    module.e3rl_tiled_weight = kernels.tile_weight(module.weight.detach())
+    module.e3rl_tiles = (0, 1)  # (first tile, step): all of its own
+
+
+def _gate_up_pair(module: torch.nn.Module) -> tuple[torch.nn.Linear, torch.nn.Linear] | None:
+    """A SiLU-gated MLP's bf16 gate and up projections when both are tiled, bias-free and of
+    one shape (their tiles can then be interleaved into one weight)."""
+    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+    if not (isinstance(gate, torch.nn.Linear) and isinstance(up, torch.nn.Linear)):
+        return None
+    ok = all(getattr(m, "e3rl_tiles", None) == (0, 1) and m.bias is None
+             and m.weight.dtype == torch.bfloat16 for m in (gate, up))
+    return (gate, up) if ok and gate.weight.shape == up.weight.shape else None
+
+
+def _fuse_gate_up(mlp: torch.nn.Module, gate: torch.nn.Linear, up: torch.nn.Linear) -> None:
+    """One tiled weight for both projections, tiles alternating: ``kernels.small_gemm_silu_mul``
+    reads it in one pass (e3rl's forward), and each projection reads its own tiles of it
+    (transformers' forward). It replaces their two copies: no more memory."""
+    fused = kernels.tile_gate_up(gate.weight.detach(), up.weight.detach())
+    mlp.e3rl_gate_up = fused
+    for i, m in enumerate((gate, up)):
+        m.e3rl_tiled_weight, m.e3rl_tiles = fused, (i, 2)
 
 
 def _tileable(module: torch.nn.Linear) -> bool:
@@ -105,7 +140,7 @@ def optimize(model: torch.nn.Module, *, pack_linears: bool = True,
         if "forward" in module.__dict__:
             continue  # already switched
         if isinstance(module, torch.nn.Linear) and _tileable(module):
-            module.e3rl_tiled_weight = kernels.tile_weight(module.weight.detach())
+            _tile(module)
             module.forward = _tiled_linear_forward.__get__(module)
             done.tiled_linears += 1
         elif isinstance(module, torch.nn.Linear) and pack_linears:
@@ -117,6 +152,11 @@ def optimize(model: torch.nn.Module, *, pack_linears: bool = True,
             if _matches(module, fast, module.weight.shape[0], generator):
                 module.forward = fast
                 done.fused_norms += 1
+    for module in model.modules():
+        pair = _gate_up_pair(module)
+        if pair is not None:
+            _fuse_gate_up(module, *pair)
+            done.fused_gate_up += 1
     return done
 
 
@@ -124,7 +164,9 @@ def refresh(model: torch.nn.Module) -> None:
     """Re-derive every tiled and packed copy from the current parameters (after a weight
     update)."""
     for module in model.modules():
-        if hasattr(module, "e3rl_tiled_weight"):
-            module.e3rl_tiled_weight = kernels.tile_weight(module.weight.detach())
+        if hasattr(module, "e3rl_gate_up"):
+            _fuse_gate_up(module, module.gate_proj, module.up_proj)
+        elif getattr(module, "e3rl_tiles", None) == (0, 1):
+            _tile(module)
         elif hasattr(module, "e3rl_packed_weight"):
             module.e3rl_packed_weight = _pack(module.weight)

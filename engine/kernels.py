@@ -200,12 +200,36 @@ def tile_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.e3rl.tile_weight(weight)
 
 
-def small_gemm(x: torch.Tensor, tiled: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def small_gemm(x: torch.Tensor, tiled: torch.Tensor, bias: torch.Tensor | None,
+               first_tile: int = 0, tile_step: int = 1) -> torch.Tensor:
     """``x @ W.T + bias`` for ``x`` ``[rows, in]`` (bf16 or float32, as ``W``) from
     ``tile_weight(W)``: each group of weight tiles comes from memory once and from cache for
     the rows after the first 6. Each row's sums run over the inputs in order, whatever the
-    number of rows (a row's result does not depend on the others)."""
-    return torch.ops.e3rl.small_gemm(x, tiled, bias)
+    number of rows (a row's result does not depend on the others). ``first_tile`` /
+    ``tile_step`` (bf16) select every ``tile_step``-th tile of 16 outputs: one projection of a
+    ``tile_gate_up`` pair (gate 0 / 2, up 1 / 2)."""
+    return torch.ops.e3rl.small_gemm(x, tiled, bias, first_tile, tile_step)
+
+
+def tile_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """bf16 gate and up weights ``[out, in]`` tiled together, tiles alternating (gate 0, up 0,
+    gate 1, ...): ``small_gemm_silu_mul`` reads both in one pass, and ``small_gemm`` with
+    ``first_tile`` 0 / 1 and ``tile_step`` 2 each alone (no second copy)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
+                         f"{up.dtype} differ")
+    out, inputs = gate.shape
+    if out % 16:
+        raise ValueError(f"out ({out}) must be a multiple of 16")
+    pairs = torch.stack([gate.reshape(out // 16, 16, inputs), up.reshape(out // 16, 16, inputs)],
+                        dim=1)
+    return tile_weight(pairs.reshape(2 * out, inputs))
+
+
+def small_gemm_silu_mul(x: torch.Tensor, tiled_gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_mul(x @ G.T, x @ U.T)`` (bf16, transformers' roundings: equal to the two
+    products then ``silu_mul``) in one pass over ``tile_gate_up(G, U)``."""
+    return torch.ops.e3rl.small_gemm_silu_mul(x, tiled_gate_up)
 
 
 def prebuild(isas: list[str]) -> list[Path]:

@@ -7,7 +7,8 @@ Python with its module's call machinery, plus the causal-mask set-up of every fo
 forward runs the same arithmetic over the packed ``[T, hidden]`` rows of a step with ~12 ops
 per layer: ``cpu_model``'s projections (tiled or prepacked weights), and native passes
 (``kernels``) for residual add + RMSNorm, Qwen3's per-head q/k norms + rotary embedding, and
-SiLU-and-multiply, each with transformers' roundings. Attention is the engine's paged
+SiLU-and-multiply (in bf16 inside the gate/up product's pass over its shared weight,
+``kernels.small_gemm_silu_mul``), each with transformers' roundings. Attention is the engine's paged
 attention (``attention.attend``).
 
 It reads the weights of the transformers model it was built from at every call (parameters,
@@ -141,7 +142,11 @@ class NativeForward:
             norm = layer.post_norm
             h = kernels.add_rms_norm_(residual, a, norm.weight, norm.variance_epsilon)
             mlp = layer.mlp
-            gated = kernels.silu_mul(_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h))
+            gate_up = mlp.__dict__.get("e3rl_gate_up")  # cpu_model's (re-derived on updates)
+            if gate_up is not None:  # both products and the SiLU-and-multiply in one pass
+                gated = kernels.small_gemm_silu_mul(h, gate_up)
+            else:
+                gated = kernels.silu_mul(_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h))
             mlp_out = _linear(mlp.down_proj, gated)
         h = kernels.add_rms_norm_(residual, mlp_out, self.norm.weight,
                                   self.norm.variance_epsilon)

@@ -12,8 +12,12 @@
 // Built only when the compiler targets AVX512_BF16 (``gemm_available()`` says so); the engine
 // keeps oneDNN / torch's products elsewhere.
 
+#if defined(__AVX512F__) && !defined(CPU_CAPABILITY_AVX512)
+#define CPU_CAPABILITY_AVX512
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
@@ -29,54 +33,86 @@ namespace {
 constexpr int kMaxTiles = 4, kMaxRows = 6;
 
 #if defined(E3RL_GEMM_BF16)
-// NT consecutive tiles (16 outputs each) for R rows: acc[n][r] += W_tile(n) . x[r], then bias
-// and a bf16 store. Each broadcast input pair feeds NT products and each weight load R.
-template <int NT, int R>
-void tile_block(const uint32_t* w, int64_t pairs, const uint32_t* x, const float* bias,
-                c10::BFloat16* out, int64_t out_stride) {
+inline __m512 bf16_to_float(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
+// What a block stores: each tile's sums (+ bias) rounded to bf16; or, for tiles that come in
+// (gate, up) pairs, silu(gate) * up with transformers' roundings (gate and up rounded to bf16
+// as their projections' outputs, silu rounded, the product rounded), one 16-wide output tile
+// per pair, as ``kernels.silu_mul`` computes it from the two projections.
+enum class Epilogue { kStore, kSiluMul };
+
+// NT tiles (16 outputs each, ``tile_stride`` elements apart) for R rows:
+// acc[n][r] += W_tile(n) . x[r], then the epilogue. Each broadcast input pair feeds NT
+// products and each weight load R.
+template <int NT, int R, Epilogue E>
+void tile_block(const uint32_t* w, int64_t pairs, int64_t tile_stride, const uint32_t* x,
+                const float* bias, c10::BFloat16* out, int64_t out_stride) {
   __m512 acc[NT][R];
   for (int n = 0; n < NT; ++n)
     for (int r = 0; r < R; ++r) acc[n][r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wv[NT];
     for (int n = 0; n < NT; ++n)
-      wv[n] = (__m512bh)_mm512_loadu_si512(w + (n * pairs + p) * 16);
+      wv[n] = (__m512bh)_mm512_loadu_si512(w + n * tile_stride + p * 16);
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * pairs + p]));
       for (int n = 0; n < NT; ++n) acc[n][r] = _mm512_dpbf16_ps(acc[n][r], wv[n], xv);
     }
   }
-  for (int n = 0; n < NT; ++n) {
-    const __m512 b = bias ? _mm512_loadu_ps(bias + n * 16) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(acc[n][r], b));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + n * 16), (__m256i)y);
+  if constexpr (E == Epilogue::kSiluMul) {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec one(1.f);
+    for (int n = 0; n + 1 < NT; n += 2) {
+      for (int r = 0; r < R; ++r) {
+        const Vec gate(bf16_to_float(_mm512_cvtneps_pbh(acc[n][r])));
+        const Vec up(bf16_to_float(_mm512_cvtneps_pbh(acc[n + 1][r])));
+        const __m512 act = bf16_to_float(_mm512_cvtneps_pbh(gate / (one + gate.neg().exp())));
+        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(act, up));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + n / 2 * 16),
+                            (__m256i)y);
+      }
+    }
+  } else {
+    for (int n = 0; n < NT; ++n) {
+      const __m512 b = bias ? _mm512_loadu_ps(bias + n * 16) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(acc[n][r], b));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + n * 16),
+                            (__m256i)y);
+      }
     }
   }
 }
 
-using BlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, const float*,
+using BlockFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, const float*,
                          c10::BFloat16*, int64_t);
 
-template <int NT>
+template <int NT, Epilogue E>
 BlockFn pick_rows(int64_t rows) {
   switch (rows) {
-    case 1: return tile_block<NT, 1>;
-    case 2: return tile_block<NT, 2>;
-    case 3: return tile_block<NT, 3>;
-    case 4: return tile_block<NT, 4>;
-    case 5: return tile_block<NT, 5>;
-    default: return tile_block<NT, 6>;
+    case 1: return tile_block<NT, 1, E>;
+    case 2: return tile_block<NT, 2, E>;
+    case 3: return tile_block<NT, 3, E>;
+    case 4: return tile_block<NT, 4, E>;
+    case 5: return tile_block<NT, 5, E>;
+    default: return tile_block<NT, 6, E>;
   }
 }
 
 BlockFn pick(int64_t tiles, int64_t rows) {
   switch (tiles) {
-    case 1: return pick_rows<1>(rows);
-    case 2: return pick_rows<2>(rows);
-    case 3: return pick_rows<3>(rows);
-    default: return pick_rows<4>(rows);
+    case 1: return pick_rows<1, Epilogue::kStore>(rows);
+    case 2: return pick_rows<2, Epilogue::kStore>(rows);
+    case 3: return pick_rows<3, Epilogue::kStore>(rows);
+    default: return pick_rows<4, Epilogue::kStore>(rows);
   }
+}
+
+BlockFn pick_silu_mul(int64_t tiles, int64_t rows) {  // tiles: 2 or 4 (whole pairs)
+  return tiles == 2 ? pick_rows<2, Epilogue::kSiluMul>(rows)
+                    : pick_rows<4, Epilogue::kSiluMul>(rows);
 }
 #endif
 
@@ -165,20 +201,34 @@ void over_blocks(int64_t tiles, int64_t rows, const Block& block) {
   });
 }
 
-at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
-                      const std::optional<at::Tensor>& bias) {
+// Checks shared by the products; returns the number of inputs.
+int64_t check_product(const at::Tensor& x, const at::Tensor& tiled, const char* name) {
   const auto dtype = tiled.scalar_type();
   const bool f32 = dtype == at::kFloat;
-  TORCH_CHECK(gemm_available(dtype), "small_gemm: this build has no ", dtype, " kernel");
+  TORCH_CHECK(gemm_available(dtype), name, ": this build has no ", dtype, " kernel");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.device().is_cpu(),
-              "small_gemm: x must be ", dtype, " [rows, in] on CPU, as the weight");
+              name, ": x must be ", dtype, " [rows, in] on CPU, as the weight");
   TORCH_CHECK(tiled.is_contiguous() &&
                   (f32 ? tiled.dim() == 3 && tiled.size(2) == 16
                        : tiled.dim() == 4 && tiled.size(2) == 16 && tiled.size(3) == 2),
-              "small_gemm: weight must come from tile_weight");
-  const int64_t rows = x.size(0), tiles = tiled.size(0);
+              name, ": weight must come from tile_weight");
   const int64_t in = f32 ? tiled.size(1) : 2 * tiled.size(1);
-  TORCH_CHECK(x.size(1) == in, "small_gemm: x has ", x.size(1), " inputs, weight ", in);
+  TORCH_CHECK(x.size(1) == in, name, ": x has ", x.size(1), " inputs, weight ", in);
+  return in;
+}
+
+// x @ W.T (+ bias) over the tiles first_tile, first_tile + tile_step, ... of ``tiled`` (a
+// weight tiled from a (gate, up) pair: each projection's tiles alone).
+at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
+                      const std::optional<at::Tensor>& bias, int64_t first_tile,
+                      int64_t tile_step) {
+  const int64_t in = check_product(x, tiled, "small_gemm");
+  const bool f32 = tiled.scalar_type() == at::kFloat;
+  TORCH_CHECK(tile_step >= 1 && first_tile >= 0 && first_tile < std::max<int64_t>(tiled.size(0), 1),
+              "small_gemm: first_tile ", first_tile, " / tile_step ", tile_step,
+              " do not select tiles of the weight");
+  const int64_t rows = x.size(0);
+  const int64_t tiles = (tiled.size(0) - first_tile + tile_step - 1) / tile_step;
   const at::Tensor xc = x.contiguous();
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
@@ -188,13 +238,15 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
   at::Tensor out = at::empty({rows, tiles * 16}, x.options());
   const int64_t out_stride = tiles * 16;
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const int64_t tile_elems = in * 16 / (f32 ? 1 : 2);  // floats, or uint32 input pairs
   if (f32) {
 #if defined(E3RL_GEMM_F32)
+    TORCH_CHECK(tile_step == 1 && first_tile == 0, "small_gemm: float32 takes whole weights");
     const float* xp = xc.data_ptr<float>();
     const float* wp = tiled.data_ptr<float>();
     float* op = out.data_ptr<float>();
     over_blocks(tiles, rows, [&](int64_t t0, int64_t nt, int64_t r0, int64_t r) {
-      pick_f32(nt, r)(wp + t0 * in * 16, in, xp + r0 * in, bp ? bp + t0 * 16 : nullptr,
+      pick_f32(nt, r)(wp + t0 * tile_elems, in, xp + r0 * in, bp ? bp + t0 * 16 : nullptr,
                       op + r0 * out_stride + t0 * 16, out_stride);
     });
 #endif
@@ -203,11 +255,34 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
 #if defined(E3RL_GEMM_BF16)
   const int64_t pairs = in / 2;
   const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint32_t*>(tiled.data_ptr<c10::BFloat16>()) +
+                   first_tile * tile_elems;
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  over_blocks(tiles, rows, [&](int64_t t0, int64_t nt, int64_t r0, int64_t r) {
+    pick(nt, r)(wp + t0 * tile_step * tile_elems, pairs, tile_step * tile_elems, xp + r0 * pairs,
+                bp ? bp + t0 * 16 : nullptr, op + r0 * out_stride + t0 * 16, out_stride);
+  });
+#endif
+  return out;
+}
+
+// silu(x @ G.T) * (x @ U.T) from a weight tiled from G and U interleaved tile by tile
+// (``tile_gate_up``): both products and the SiLU-and-multiply in one pass over the weight.
+at::Tensor small_gemm_silu_mul(const at::Tensor& x, const at::Tensor& tiled) {
+  const int64_t in = check_product(x, tiled, "small_gemm_silu_mul");
+  TORCH_CHECK(tiled.scalar_type() == at::kBFloat16 && tiled.size(0) % 2 == 0,
+              "small_gemm_silu_mul: weight must be bf16 (gate, up) tile pairs from tile_gate_up");
+  const int64_t rows = x.size(0), tiles = tiled.size(0), out_stride = tiles / 2 * 16;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({rows, out_stride}, x.options());
+#if defined(E3RL_GEMM_BF16)
+  const int64_t pairs = in / 2, tile_elems = pairs * 16;
+  const auto* xp = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint32_t*>(tiled.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   over_blocks(tiles, rows, [&](int64_t t0, int64_t nt, int64_t r0, int64_t r) {
-    pick(nt, r)(wp + t0 * pairs * 16, pairs, xp + r0 * pairs, bp ? bp + t0 * 16 : nullptr,
-                op + r0 * out_stride + t0 * 16, out_stride);
+    pick_silu_mul(nt, r)(wp + t0 * tile_elems, pairs, tile_elems, xp + r0 * pairs, nullptr,
+                         op + r0 * out_stride + t0 / 2 * 16, out_stride);
   });
 #endif
   return out;
@@ -218,10 +293,13 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& tiled,
 TORCH_LIBRARY_FRAGMENT(e3rl, m) {
   m.def("gemm_available(ScalarType dtype) -> bool", &gemm_available);
   m.def("tile_weight(Tensor weight) -> Tensor");
-  m.def("small_gemm(Tensor x, Tensor tiled, Tensor? bias) -> Tensor");
+  m.def("small_gemm(Tensor x, Tensor tiled, Tensor? bias, int first_tile=0, int tile_step=1) "
+        "-> Tensor");
+  m.def("small_gemm_silu_mul(Tensor x, Tensor tiled) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(e3rl, CPU, m) {
   m.impl("tile_weight", &tile_weight);
   m.impl("small_gemm", &small_gemm);
+  m.impl("small_gemm_silu_mul", &small_gemm_silu_mul);
 }

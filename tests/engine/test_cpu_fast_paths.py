@@ -239,6 +239,14 @@ def test_bf16_update_weights_refreshes_packed_linears(tmp_path, tied):
     assert runner.vocab_size % 16 != 0
     assert paths.tiled_linears == (14 if kernels.gemm_available() else 0)
     assert paths.fused_norms == len(norms) == 9
+    # each MLP's gate and up read one tiled weight, tiles alternating (no second copy)
+    assert paths.fused_gate_up == (2 if kernels.gemm_available() else 0)
+    for layer in runner.model.model.layers:
+        mlp = layer.mlp
+        if paths.fused_gate_up:
+            assert mlp.gate_proj.e3rl_tiled_weight is mlp.up_proj.e3rl_tiled_weight \
+                is mlp.e3rl_gate_up
+            assert (mlp.gate_proj.e3rl_tiles, mlp.up_proj.e3rl_tiles) == ((0, 2), (1, 2))
     assert all("forward" in m.__dict__ for m in linears)
     for m in linears:
         tiled = kernels.gemm_available() and m.out_features % 16 == 0

@@ -255,6 +255,34 @@ def test_float32_small_gemm_equals_float64_product(rows, outputs, bias):
 
 
 @needs_bf16_gemm
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("outputs", [16, 32, 48, 80])  # 2, 4, 6, 10 tiles: pairs in every group
+def test_fused_gate_up_equals_two_products_then_silu_mul(rows, outputs):
+    x, gate, up = _bf16((rows, 70), 20), _bf16((outputs, 70), 21), _bf16((outputs, 70), 22)
+    fused = kernels.tile_gate_up(gate, up)
+    alone = [kernels.small_gemm(x, kernels.tile_weight(w), None) for w in (gate, up)]
+    # each projection reads its own tiles of the shared weight: the same as its own copy
+    assert torch.equal(kernels.small_gemm(x, fused, None, 0, 2), alone[0])
+    assert torch.equal(kernels.small_gemm(x, fused, None, 1, 2), alone[1])
+    # the one-pass SiLU-and-multiply has transformers' roundings: bit for bit the two steps
+    assert torch.equal(kernels.small_gemm_silu_mul(x, fused), kernels.silu_mul(*alone))
+
+
+@needs_bf16_gemm
+def test_fused_gate_up_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="differ"):
+        kernels.tile_gate_up(_bf16((16, 8), 0), _bf16((32, 8), 1))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.tile_gate_up(_bf16((8, 8), 0), _bf16((8, 8), 1))
+    with pytest.raises(RuntimeError, match="tile pairs"):
+        kernels.small_gemm_silu_mul(_bf16((2, 8), 1), kernels.tile_weight(_bf16((48, 8), 2)))
+    with pytest.raises(RuntimeError, match="do not select tiles"):
+        kernels.small_gemm(_bf16((2, 8), 1), kernels.tile_weight(_bf16((32, 8), 2)), None, 2, 2)
+    with pytest.raises(RuntimeError, match="do not select tiles"):
+        kernels.small_gemm(_bf16((2, 8), 1), kernels.tile_weight(_bf16((32, 8), 2)), None, 0, 0)
+
+
+@needs_bf16_gemm
 def test_small_gemm_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.tile_weight(_bf16((20, 8), 0))
