@@ -20,6 +20,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define E3RL_GEMM_F32 1
@@ -187,13 +189,18 @@ at::Tensor tile_weight(const at::Tensor& weight) {
   return weight.view({o / 16, 16, i / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// Threads take groups of up to kMaxTiles tiles; a group's weights come from memory for its
-// first block of rows and from cache for the others. ``block(t0, nt, r0, r)`` does one block.
+// Threads take groups of up to kMaxTiles tiles, the next free one each (not a fixed half
+// each: a thread that the OS preempts, e.g. for the server's front end on the same cores,
+// leaves its share to the others instead of stalling the step); a group's weights come from
+// memory for its first block of rows and from cache for the others. ``block(t0, nt, r0, r)``
+// does one block.
 template <typename Block>
 void over_blocks(int64_t tiles, int64_t rows, const Block& block) {
   const int64_t groups = (tiles + kMaxTiles - 1) / kMaxTiles;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
+  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), groups);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, lanes, 1, [&](int64_t, int64_t) {
+    for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
       const int64_t t0 = g * kMaxTiles, nt = std::min<int64_t>(kMaxTiles, tiles - t0);
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows)
         block(t0, nt, r0, std::min<int64_t>(kMaxRows, rows - r0));

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -303,14 +304,15 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
   const int64_t span_blocks = std::max<int64_t>(1, kSpanTokens / bs), span = span_blocks * bs;
   const int64_t row_bytes = item_kv_heads * dim * static_cast<int64_t>(sizeof(T));
 
-  // Items are dealt round-robin: sequences arrive sorted by length, and contiguous ranges
-  // would give one thread all the long ones.
+  // Each thread takes the next free item (contiguous ranges would give one thread all the
+  // long sequences, which arrive sorted by length; a fixed deal would leave a thread that the
+  // OS preempts, e.g. for the server's front end, holding up the step with its share).
   const int64_t items = n * splits, lanes = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, lanes, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(item_heads * dim), acc(item_heads * dim), row(dim), p(item_heads * span);
     std::vector<float> m(item_heads), l(item_heads), corr(item_heads), ones(item_heads, 1.f);
-    for (int64_t lane = lane_begin; lane < lane_end; ++lane)
-    for (int64_t w = lane; w < items; w += lanes) {
+    for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
       const int64_t ctx = lens[s], ctx_blocks = (ctx + bs - 1) / bs;
       const int64_t* table = tables + (row_tables ? row_tables[s] : s) * max_blocks;
