@@ -1,16 +1,19 @@
-// bf16 matrix products for few rows (decode steps) on CPUs with AVX512_BF16.
+// Matrix products for the engine's linears on CPU: bf16 with AVX512_BF16, float32 with AVX-512.
 //
-//   out[m, o] = sum_i x[m, i] * W[o, i] (+ bias[o]),   x, W bf16; float32 sums; out bf16
+//   out[m, o] = sum_i x[m, i] * W[o, i] (+ bias[o]),   float32 sums; out in x's dtype
 //
 // At decode sizes (a few to a few dozen rows) a step streams every weight from memory once;
-// oneDNN's bf16 GEMM reached ~5-13 GB/s of weights there on this project's machine (its
-// blocking is made for many rows). Here the weight is stored in tiles of 16 outputs with
-// input pairs interleaved ([O/16, I/2, 16, 2]): one 64-byte load holds 16 outputs x 2 inputs
-// for one VDPBF16PS per row (the row's input pair broadcast), and blocks of 4 tiles x 6 rows
-// keep their 24 sums in registers. Work is split over groups of tiles.
+// oneDNN's bf16 GEMM reached ~5-13 GB/s of weights there on this project's machine and MKL's
+// float32 one ~5-13 GB/s (their blocking is made for many rows). Here the weight is stored in
+// tiles of 16 outputs: bf16 with input pairs interleaved ([O/16, I/2, 16, 2]: one 64-byte load
+// holds 16 outputs x 2 inputs for one VDPBF16PS per row, the row's input pair broadcast),
+// float32 as [O/16, I, 16] (one FMA per load and row); blocks of 4 tiles x 6 rows keep their 24
+// sums in registers. Threads take the next free group of tiles. A (gate, up) pair tiled
+// together, tiles alternating, gives each projection through first_tile/tile_step and both
+// with the SiLU-and-multiply in one pass (small_gemm_silu_mul).
 //
-// Built only when the compiler targets AVX512_BF16 (``gemm_available()`` says so); the engine
-// keeps oneDNN / torch's products elsewhere.
+// Built only when the compiler targets the instructions (``gemm_available(dtype)`` says so);
+// the engine keeps oneDNN / torch's products elsewhere.
 
 #if defined(__AVX512F__) && !defined(CPU_CAPABILITY_AVX512)
 #define CPU_CAPABILITY_AVX512
