@@ -37,24 +37,30 @@ def built():
 @pytest.mark.parametrize("num_seqs", [1, 9])
 def test_kernel_matches_sdpa(dtype, head_dim, group, num_seqs):
     g = torch.Generator().manual_seed(head_dim * 31 + group * 7 + num_seqs)
-    num_kv_heads, block_size, num_blocks = 2, 16, 64
+    # Lengths at block edges and inside blocks; tables are scattered, unused tail ids are 0.
+    lens = [1, 16, 17, 40, 95, 33, 2, 64, 81][:num_seqs]
+    check_against_sdpa(g, dtype, lens, 2, group, head_dim, block_size=16, num_blocks=64)
+
+
+def check_against_sdpa(g, dtype, lens, num_kv_heads, group, head_dim, block_size, num_blocks,
+                       q_scale=1.0):
+    """Random caches, each sequence's blocks scattered over the pool (unused table tail ids
+    0), one query row per sequence: the kernel's output equals ``reference``."""
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    # Lengths at block edges and inside blocks; tables are scattered, unused tail ids are 0.
-    lens = torch.tensor([1, 16, 17, 40, 95, 33, 2, 64, 81][:num_seqs])
-    max_blocks = int(-(-lens.max() // block_size))
+    max_blocks = -(-max(lens) // block_size)
     perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.long)
     used = 0
-    for s, n in enumerate(lens.tolist()):
+    for s, n in enumerate(lens):
         nb = -(-n // block_size)
         tables[s, :nb] = perm[used:used + nb]
         used += nb
-    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, generator=g).to(dtype)
+    q = q_scale * torch.randn(len(lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
     out = torch.full_like(q, float("nan"))
     scale = head_dim ** -0.5
-    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, scale)
-    expected = reference(q, k_cache, v_cache, tables, lens.tolist(), scale)
+    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, torch.tensor(lens), scale)
+    expected = reference(q, k_cache, v_cache, tables, lens, scale)
     torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
                                rtol=TOLERANCE[dtype])
 
@@ -66,27 +72,11 @@ def test_kernel_matches_sdpa_over_long_contexts(dtype, head_dim, block_size):
     """Contexts of several spans (the kernel takes up to 256 tokens of whole blocks per
     softmax step; 240 with 24-token blocks, one 512-token block), ending at and inside them."""
     g = torch.Generator().manual_seed(block_size + head_dim)
-    num_kv_heads, group = 2, 3
-    lens = torch.tensor([1, 255, 256, 257, 700, 1100])
-    max_blocks = int(-(-lens.max() // block_size))
-    num_blocks = int(sum(-(-n // block_size) for n in lens.tolist())) + 3
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.zeros(len(lens), max_blocks, dtype=torch.long)
-    used = 0
-    for s, n in enumerate(lens.tolist()):
-        nb = -(-n // block_size)
-        tables[s, :nb] = perm[used:used + nb]
-        used += nb
-    # scores far apart between spans: the online softmax's rescaling must carry them
-    q = 4 * torch.randn(len(lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
-    out = torch.full_like(q, float("nan"))
-    scale = head_dim ** -0.5
-    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, scale)
-    expected = reference(q, k_cache, v_cache, tables, lens.tolist(), scale)
-    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
-                               rtol=TOLERANCE[dtype])
+    lens = [1, 255, 256, 257, 700, 1100]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    # scores far apart between spans (q scaled by 4): the online softmax's rescaling must
+    # carry them
+    check_against_sdpa(g, dtype, lens, 2, 3, head_dim, block_size, num_blocks, q_scale=4.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
