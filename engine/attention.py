@@ -73,6 +73,22 @@ class AttentionMetadata:
     num_calls: int = 0  # layers that ran through paged attention (load-time check)
 
 
+def rows_only(meta: AttentionMetadata, rows: torch.Tensor) -> AttentionMetadata | None:
+    """Metadata that writes every packed token's K/V but attends only the tokens ``rows``
+    (``attend``'s ``q`` then holds just those rows, in that order): the last layer of a step,
+    whose other rows' outputs nothing reads. None unless the whole step runs through the
+    native kernel (the SDPA paths attend whole chunks)."""
+    d = meta.native_decode
+    if (d is None or meta.decodes or meta.prefills or d.start != 0
+            or d.end != meta.slot_mapping.numel()):
+        return None
+    tables = d.row_tables.index_select(0, rows) if d.row_tables is not None else rows
+    return AttentionMetadata(
+        kv_cache=meta.kv_cache, slot_mapping=meta.slot_mapping,
+        native_decode=NativeDecode(0, rows.numel(), d.block_tables,
+                                   d.context_lens.index_select(0, rows), tables))
+
+
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, bs, Hkv, D] gathered by ``[N, MB]`` block ids -> [N, Hkv, MB * bs, D]."""
     n, mb = block_tables.shape

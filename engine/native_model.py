@@ -122,6 +122,11 @@ class NativeForward:
         cos, sin = self.rotary(residual, positions.view(1, -1))  # [1, T, D] each
         cos, sin = cos[0], sin[0]
         mlp_out = None
+        # The last layer's attention output, o projection and MLP only for the rows whose
+        # logits are needed (prompt rows of a prefill need their K/V, nothing after it).
+        last = len(self.layers) - 1
+        last_meta = (attention.rows_only(meta, keep) if 0 < keep.numel() < num_tokens
+                     else None)
         for i, layer in enumerate(self.layers):
             norm = layer.input_norm
             if mlp_out is None:
@@ -137,7 +142,12 @@ class NativeForward:
                 kernels.qk_norm_rope_(q, k, None, None, cos, sin, 0.0)
             else:
                 kernels.qk_norm_rope_(q, k, qn.weight, kn.weight, cos, sin, qn.variance_epsilon)
-            o = attention.attend(meta, i, q, k, v, self.scaling)
+            if i == last and last_meta is not None:
+                o = attention.attend(last_meta, i, q.index_select(0, keep), k, v, self.scaling)
+                residual = residual.index_select(0, keep)
+                num_tokens, keep = keep.numel(), None
+            else:
+                o = attention.attend(meta, i, q, k, v, self.scaling)
             a = _linear(attn.o_proj, o.view(num_tokens, hq * d))
             norm = layer.post_norm
             h = kernels.add_rms_norm_(residual, a, norm.weight, norm.variance_epsilon)
@@ -150,4 +160,4 @@ class NativeForward:
             mlp_out = _linear(mlp.down_proj, gated)
         h = kernels.add_rms_norm_(residual, mlp_out, self.norm.weight,
                                   self.norm.variance_epsilon)
-        return _linear(self.model.lm_head, h.index_select(0, keep))
+        return _linear(self.model.lm_head, h if keep is None else h.index_select(0, keep))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-from e3rl.engine import LLM, SamplingParams, kernels
+from e3rl.engine import LLM, SamplingParams, attention, kernels
 from e3rl.engine.config import EngineConfig
 from e3rl.engine.errors import ModelNotSupported
 from e3rl.engine.model_factory import build_random_model
@@ -112,7 +112,7 @@ def linears(request, monkeypatch):
     return request.param
 
 
-def _mixed_step(runner, seed):
+def _mixed_step(runner, seed, params=None):
     """Three sequences already holding context (decode) and two new prompts (prefill), one
     of them a second chunk: every attention path of a step."""
     g = torch.Generator().manual_seed(seed)
@@ -121,7 +121,8 @@ def _mixed_step(runner, seed):
     for cached, new in ((40, 1), (17, 1), (70, 1), (0, 23), (32, 9)):
         total = cached + new
         ids = torch.randint(4, vocab, (total,), generator=g).tolist()
-        seq = Sequence(len(items), f"r{len(items)}", 0, ids, Params(max_tokens=4), None, None)
+        seq = Sequence(len(items), f"r{len(items)}", 0, ids, params or Params(max_tokens=4),
+                       None, None)
         n_blocks = -(-total // bs)
         seq.block_table = list(range(next_block, next_block + n_blocks))
         next_block += n_blocks
@@ -148,6 +149,41 @@ def test_native_forward_equals_transformers_forward(tiny_model_dirs, arch, linea
     scale = b.logits.abs().max()
     assert (a.logits - b.logits).abs().max() <= 0.02 * scale
     assert torch.equal(a.logits.argmax(-1), b.logits.argmax(-1))
+
+
+def _run_mixed_step(runner, params=None):
+    """``_mixed_step`` after a first pass that writes the context it attends over."""
+    prefix = _mixed_step(runner, seed=1)
+    for item in prefix.scheduled:
+        item.num_new_tokens += item.seq.num_computed_tokens
+        item.seq.num_computed_tokens = 0
+    runner.execute(prefix)
+    return runner.execute(_mixed_step(runner, 1, params))
+
+
+def test_last_layer_runs_for_sampled_rows_only_without_changing_them(tiny_model_dirs,
+                                                                     monkeypatch):
+    """A step whose prompt rows need no logits runs the last layer's attention output, o
+    projection and MLP for the sampled rows only; their logits are bit-identical to a step
+    that needs every row's (prompt log-probs), which runs the whole last layer."""
+    subsets = []
+    rows_only = attention.rows_only
+
+    def counted(meta, rows):
+        sub = rows_only(meta, rows)
+        subsets.append(None if sub is None else sub.native_decode.end)
+        return sub
+
+    monkeypatch.setattr(attention, "rows_only", counted)
+    runner = _runner(tiny_model_dirs["qwen3"], "e3rl")
+    sampled = _run_mixed_step(runner)
+    # both steps: 3 decode rows + the 2 prompts' last rows of the 3 + 23 + 9 (3 + 32 + 41)
+    assert subsets == [5, 5]
+    runner = _runner(tiny_model_dirs["qwen3"], "e3rl")
+    every = _run_mixed_step(runner, Params(max_tokens=4, prompt_logprobs=0))
+    assert subsets == [5, 5, 5]  # the first pass again; then every row's logits are needed
+    assert sampled.sample_rows != every.sample_rows  # the prompt rows come first in keep
+    assert torch.equal(sampled.logits[sampled.sample_rows], every.logits[every.sample_rows])
 
 
 def test_engine_greedy_and_logprobs_match_transformers_forward(tiny_model_dirs):
