@@ -10,7 +10,10 @@
 // Work is split over (sequence, KV head); the query heads sharing a KV head are computed
 // together so each K/V row is read once. Scores, softmax and accumulation are float32
 // (online softmax over spans of up to 256 tokens of whole blocks: scores of a span first,
-// one softmax step, then its values); the output is written in the cache's dtype.
+// one softmax step, then its values); the output is written in the cache's dtype. Prompt
+// chunks in bf16 with AVX512_BF16 go in tiles of up to 16 rows per KV head instead
+// (attend_tile: each K/V chunk rearranged once for all of the tile's rows, products with
+// VDPBF16PS, probabilities rounded to bf16 for P x V).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -269,6 +272,165 @@ inline void prefetch_block(const T* base, int64_t nt, int64_t token_stride, int6
 #endif
 }
 
+#if defined(__AVX512BF16__)
+// Prompt rows in tiles (bf16 caches, AVX512_BF16): up to kTileRows consecutive rows of one
+// sequence (the same table, contexts c0, c0 + 1, ...) and one KV head per work item. Each
+// 16-token chunk of K/V is read and rearranged once for all of the tile's rows x query heads:
+// K transposed (dims in pairs) so that one VDPBF16PS gives a query head's scores of 16 tokens
+// with no horizontal sums, V interleaved by token pairs so that one VDPBF16PS adds two tokens'
+// values into 16 dims of the output (probabilities rounded to bf16 for it, as flash attention
+// does; scores, softmax and sums in float32). One online-softmax step per span of
+// NC = 256 / D chunks.
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileMinRows = 4;  // shorter runs of prompt rows take the per-row path
+
+struct TileScratch {
+  std::vector<__m512i> kt, vp;  // [NC][D / 2] (16 tokens each), [NC][8 pairs][D / 16]
+  std::vector<float> acc, m, l;  // [rows * group][D], [rows * group] x 2
+};
+
+template <int D>
+void attend_tile(const c10::BFloat16* q, int64_t q_row_stride, const c10::BFloat16* k,
+                 const c10::BFloat16* v, const int64_t* table, int64_t block_stride,
+                 int64_t token_stride, int64_t bs, int64_t c0, int64_t rows, int64_t group,
+                 float scale, c10::BFloat16* o, TileScratch& w) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int NC = 256 / D, P = D / 2, C = D / 16, H = D == 64 ? 4 : 2;
+  const int64_t heads = rows * group, cmax = c0 + rows - 1;
+  w.kt.resize(NC * P);
+  w.vp.resize(NC * 8 * C);
+  w.acc.assign(heads * D, 0.f);
+  w.m.assign(heads, -std::numeric_limits<float>::infinity());
+  w.l.assign(heads, 0.f);
+  // token t of a chunk is (token_stride / 2) 32-bit words after token t - 1
+  const __m512i gather_idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(token_stride / 2)));
+  __m512i lo_idx, hi_idx;  // (a[i], b[i]) pairs of the first / second 16 of 32 bf16
+  {
+    alignas(64) int16_t lo[32], hi[32];
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = i, lo[2 * i + 1] = 32 + i;
+      hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
+    }
+    lo_idx = _mm512_load_si512(lo);
+    hi_idx = _mm512_load_si512(hi);
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) uint32_t pp[H * NC * 8];  // probabilities of the span, bf16 token pairs
+  for (int64_t t0 = 0; t0 < cmax; t0 += NC * 16) {
+    const int64_t chunks = std::min<int64_t>(NC, (cmax - t0 + 15) / 16);
+    for (int64_t c = 0; c < chunks; ++c) {  // rearrange the span's K and V chunks
+      const int64_t tc = t0 + c * 16, nt = std::min<int64_t>(16, cmax - tc);
+      const int64_t within = (tc % bs) * token_stride + table[tc / bs] * block_stride;
+      const int* kb = reinterpret_cast<const int*>(k + within);
+      const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1);
+      for (int p = 0; p < P; ++p)
+        w.kt[c * P + p] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, gather_idx,
+                                                      kb + p, 4);
+      const c10::BFloat16* vb = v + within;
+      for (int tp = 0; tp < 8; ++tp) {
+        for (int h = 0; h < D / 32; ++h) {
+          const __m512i a = 2 * tp < nt ? _mm512_loadu_si512(vb + 2 * tp * token_stride + 32 * h)
+                                        : _mm512_setzero_si512();
+          const __m512i b = 2 * tp + 1 < nt
+                                ? _mm512_loadu_si512(vb + (2 * tp + 1) * token_stride + 32 * h)
+                                : _mm512_setzero_si512();
+          w.vp[(c * 8 + tp) * C + 2 * h] = _mm512_permutex2var_epi16(a, lo_idx, b);
+          w.vp[(c * 8 + tp) * C + 2 * h + 1] = _mm512_permutex2var_epi16(a, hi_idx, b);
+        }
+      }
+    }
+    // The tile's query heads (row r, head j: r * group + j) H at a time: each K/V load feeds
+    // H products, and H x NC (scores) or 2 x H x C (values) sums run side by side.
+    for (int64_t g0 = 0; g0 < heads; g0 += H) {
+      const int* qp[H];
+      int64_t ctx[H];
+      bool live[H];
+      int64_t nch = 0;  // chunks of the span the group's longest row reads
+      for (int i = 0; i < H; ++i) {
+        const int64_t hj = std::min(g0 + i, heads - 1), r = hj / group;
+        qp[i] = reinterpret_cast<const int*>(q + r * q_row_stride + (hj % group) * D);
+        ctx[i] = c0 + r;
+        live[i] = g0 + i < heads && ctx[i] > t0;
+        if (live[i]) nch = std::max<int64_t>(nch, std::min<int64_t>(chunks, (ctx[i] - t0 + 15) / 16));
+      }
+      if (nch == 0) continue;
+      __m512 s[H][NC];
+      for (int i = 0; i < H; ++i)
+        for (int c = 0; c < NC; ++c) s[i][c] = _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) {
+        __m512bh qb[H];
+        for (int i = 0; i < H; ++i) qb[i] = (__m512bh)_mm512_set1_epi32(qp[i][p]);
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nch) break;
+          const __m512bh kv = (__m512bh)w.kt[c * P + p];
+          for (int i = 0; i < H; ++i) s[i][c] = _mm512_dpbf16_ps(s[i][c], kv, qb[i]);
+        }
+      }
+      float corr[H];
+      for (int i = 0; i < H; ++i) {
+        uint32_t* ppi = pp + i * NC * 8;
+        if (!live[i]) {
+          std::fill(ppi, ppi + NC * 8, 0u);
+          corr[i] = 1.f;
+          continue;
+        }
+        const int64_t hj = g0 + i;
+        __m512 mx = neg_inf;
+        for (int64_t c = 0; c < nch; ++c) {
+          const int64_t valid = std::clamp<int64_t>(ctx[i] - (t0 + c * 16), 0, 16);
+          const __mmask16 km = static_cast<__mmask16>((1u << valid) - 1);
+          s[i][c] = _mm512_maskz_mul_ps(km, s[i][c], _mm512_set1_ps(scale));
+          s[i][c] = _mm512_mask_mov_ps(neg_inf, km, s[i][c]);
+          mx = _mm512_max_ps(mx, s[i][c]);
+        }
+        const float new_max = std::max(w.m[hj], _mm512_reduce_max_ps(mx));
+        corr[i] = std::exp(w.m[hj] - new_max);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < nch; ++c) {
+          const __mmask16 km = _mm512_cmp_ps_mask(s[i][c], neg_inf, _CMP_NEQ_OQ);
+          const __m512 e = _mm512_maskz_mov_ps(km, (Vec(s[i][c]) - Vec(new_max)).exp_u20());
+          sum = _mm512_add_ps(sum, e);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(ppi + c * 8), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        w.l[hj] = w.l[hj] * corr[i] + _mm512_reduce_add_ps(sum);
+        w.m[hj] = new_max;
+      }
+      __m512 a[H][C];
+      for (int i = 0; i < H; ++i) {
+        const __m512 vc = _mm512_set1_ps(corr[i]);
+        const float* acc = w.acc.data() + std::min(g0 + i, heads - 1) * D;
+        for (int c = 0; c < C; ++c) a[i][c] = _mm512_mul_ps(vc, _mm512_loadu_ps(acc + 16 * c));
+      }
+      for (int64_t tp = 0; tp < nch * 8; ++tp) {
+        __m512bh pb[H];
+        for (int i = 0; i < H; ++i) pb[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i * NC * 8 + tp]));
+        const __m512i* vp = w.vp.data() + tp * C;
+        for (int c = 0; c < C; ++c) {
+          const __m512bh vv = (__m512bh)vp[c];
+          for (int i = 0; i < H; ++i) a[i][c] = _mm512_dpbf16_ps(a[i][c], vv, pb[i]);
+        }
+      }
+      for (int i = 0; i < H; ++i) {
+        if (!live[i]) continue;
+        float* acc = w.acc.data() + (g0 + i) * D;
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, a[i][c]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t hj = r * group + j;
+      const float inv = w.l[hj] > 0.f ? 1.f / w.l[hj] : 0.f;
+      c10::BFloat16* orow = o + r * q_row_stride + j * D;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<c10::BFloat16>(w.acc[hj * D + d] * inv);
+    }
+  }
+}
+#endif
+
 // The most tokens whose scores are computed before one softmax step (whole blocks; at least one).
 constexpr int64_t kSpanTokens = 256;
 
@@ -289,9 +451,42 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  // A work item is one sequence (all heads: each K/V block is read front to back, which
-  // the prefetcher follows) or, with fewer sequences than threads can share, one KV head.
-  const int64_t splits = n >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
+  // Work items: a tile of prompt rows and one KV head (rows > 0, bf16 with AVX512_BF16), or
+  // one row (rows == 0) with all heads (each K/V block is read front to back, which the
+  // prefetcher follows) or, with fewer items than threads can share, one KV head.
+  struct Item {
+    int64_t s, rows, h0;
+  };
+  std::vector<Item> work;
+  std::vector<int64_t> single;
+  bool tiles = false;
+#if defined(__AVX512BF16__)
+  tiles = std::is_same_v<T, c10::BFloat16> && row_tables != nullptr && bs % 16 == 0 &&
+          (dim == 64 || dim == 128);
+#endif
+  for (int64_t s = 0; s < n;) {
+    int64_t run = 1;  // consecutive rows of one sequence, contexts one apart: a prompt chunk
+    if (tiles)
+      while (s + run < n && row_tables[s + run] == row_tables[s] && lens[s + run] == lens[s] + run)
+        ++run;
+#if defined(__AVX512BF16__)
+    if (run >= kTileMinRows) {
+      for (int64_t r = 0; r < run; r += kTileRows)
+        for (int64_t h = 0; h < num_kv_heads; ++h)
+          work.push_back({s + r, std::min(kTileRows, run - r), h});
+      s += run;
+      continue;
+    }
+#endif
+    for (int64_t r = 0; r < run; ++r) single.push_back(s + r);
+    s += run;
+  }
+  // longest contexts first, so that no long tile starts last
+  std::stable_sort(work.begin(), work.end(), [&](const Item& a, const Item& b) {
+    return lens[a.s] + a.rows > lens[b.s] + b.rows;
+  });
+  const int64_t splits =
+      static_cast<int64_t>(work.size() + single.size()) >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
   const int64_t item_kv_heads = num_kv_heads / splits, item_heads = item_kv_heads * group;
   ScoresFn<T> fast_scores = nullptr;
   AccumulateFn<T> fast_accumulate = nullptr;
@@ -307,13 +502,31 @@ void decode_impl(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_c
   // Each thread takes the next free item (contiguous ranges would give one thread all the
   // long sequences, which arrive sorted by length; a fixed deal would leave a thread that the
   // OS preempts, e.g. for the server's front end, holding up the step with its share).
-  const int64_t items = n * splits, lanes = std::min<int64_t>(at::get_num_threads(), items);
+  for (const int64_t s : single)
+    for (int64_t h = 0; h < splits; ++h) work.push_back({s, 0, h * item_kv_heads});
+  const int64_t items = static_cast<int64_t>(work.size());
+  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), items);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, lanes, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(item_heads * dim), acc(item_heads * dim), row(dim), p(item_heads * span);
     std::vector<float> m(item_heads), l(item_heads), corr(item_heads), ones(item_heads, 1.f);
+#if defined(__AVX512BF16__)
+    TileScratch tile;
+#endif
     for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t s = w / splits, h0 = (w % splits) * item_kv_heads;
+      const int64_t s = work[w].s, h0 = work[w].h0;
+#if defined(__AVX512BF16__)
+      if (work[w].rows > 0) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          const int64_t* table = tables + row_tables[s] * max_blocks;
+          const int64_t off = (s * num_heads + h0 * group) * dim;
+          (dim == 64 ? attend_tile<64> : attend_tile<128>)(
+              q + off, num_heads * dim, k + h0 * dim, v + h0 * dim, table, block_stride,
+              token_stride, bs, lens[s], work[w].rows, group, fscale, o + off, tile);
+        }
+        continue;
+      }
+#endif
       const int64_t ctx = lens[s], ctx_blocks = (ctx + bs - 1) / bs;
       const int64_t* table = tables + (row_tables ? row_tables[s] : s) * max_blocks;
       const T* qrow = q + (s * num_heads + h0 * group) * dim;

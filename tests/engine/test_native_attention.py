@@ -105,6 +105,33 @@ def test_kernel_rows_sharing_tables_attend_causally(dtype):
                                        torch.tensor([2, 3] + [0] * 29))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,group", [(64, 3), (128, 4), (128, 8), (64, 1), (40, 2)])
+@pytest.mark.parametrize("block_size", [16, 32, 24])
+def test_kernel_prompt_tiles_match_sdpa(dtype, head_dim, group, block_size):
+    """Long prompt chunks (bf16 with AVX512_BF16 attends them in tiles of up to 16 rows per KV
+    head, spans of several 16-token chunks; other dtypes, head dims and block sizes row by row):
+    a 300-token chunk after 50 cached tokens, a 37-token whole prompt, a 3-row chunk (too short
+    for a tile) and decode rows; every row equals SDPA over its own causal context."""
+    g = torch.Generator().manual_seed(11)
+    num_kv_heads, num_blocks = 2, 96
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    per_seq = -(-400 // block_size)
+    perm = torch.randperm(num_blocks, generator=g)[:3 * per_seq]
+    tables = perm.view(3, per_seq)
+    rows = [0] * 300 + [1] * 37 + [2] * 3 + [0, 1]
+    lens = [*range(51, 351), *range(1, 38), *range(90, 93), 380, 200]
+    row_tables, lens_t = torch.tensor(rows), torch.tensor(lens)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_decode_attention(out, q, k_cache, v_cache, tables, lens_t, 0.125, row_tables)
+    expected = reference(q, k_cache, v_cache, tables[row_tables], lens, 0.125)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+
 def test_kernel_refuses_mismatched_inputs():
     k_cache = torch.zeros(4, 16, 2, 64)
     q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
