@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import signal
@@ -70,36 +71,68 @@ def start_server(args, concurrency: int, engine_process: bool) -> tuple[subproce
                           "--engine-process" if engine_process else "--no-engine-process"])
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
-                      ) -> RequestStats:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    stats = RequestStats()
-    t0 = last = time.perf_counter()
+async def _lines_httpx(client: httpx.AsyncClient, body: dict):
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                stats.num_tokens = event["usage"]["completion_tokens"]
-                continue
-            now = time.perf_counter()
-            if not stats.num_chunks:
-                stats.ttft_s = now - t0
-            else:
-                stats.itl_s.append(now - last)
-            last = now
-            stats.num_chunks += 1
-            stats.text += event["choices"][0]["text"]
+            yield line
+
+
+async def _lines_aiohttp(session, body: dict):
+    async with session.post("/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+        async for raw in r.content:  # one line at a time
+            yield raw.decode().rstrip("\r\n")
+
+
+async def one_request(client, prompt: list[int], max_tokens: int) -> RequestStats:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    stats = RequestStats()
+    t0 = last = time.perf_counter()
+    lines = _lines_httpx if isinstance(client, httpx.AsyncClient) else _lines_aiohttp
+    async for line in lines(client, body):
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            stats.num_tokens = event["usage"]["completion_tokens"]
+            continue
+        now = time.perf_counter()
+        if not stats.num_chunks:
+            stats.ttft_s = now - t0
+        else:
+            stats.itl_s.append(now - last)
+        last = now
+        stats.num_chunks += 1
+        stats.text += event["choices"][0]["text"]
     stats.e2e_s = time.perf_counter() - t0
     return stats
 
 
+@contextlib.asynccontextmanager
+async def http_client(kind: str, url: str, concurrency: int):
+    """The load generator's HTTP client: aiohttp (as vLLM's serving benchmark uses; about a
+    third of httpx's CPU per streamed token, which on two cores is taken from the server) or
+    httpx (the OpenAI client's transport)."""
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            yield client
+        return
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as client:
+        yield client
+
+
 async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
-                   concurrency: int) -> tuple[float, list[RequestStats]]:
+                   concurrency: int, client_kind: str = "aiohttp"
+                   ) -> tuple[float, list[RequestStats]]:
     """Send every request with at most ``concurrency`` in flight; returns (wall, stats)."""
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(prompts)):
@@ -111,8 +144,7 @@ async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
             i = queue.get_nowait()
             results[i] = await one_request(client, prompts[i], output_lens[i])
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with http_client(client_kind, url, concurrency) as client:
         await one_request(client, prompts[0][:16], 4)  # warm-up
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
@@ -229,7 +261,7 @@ def run_server(args, work, concurrency: int, engine_process: bool) -> dict:
         before = cpu_seconds(proc)
         with LoadMonitor(server.pid) as load:
             wall, stats = asyncio.run(run_load(url, work.prompts, work.output_lens,
-                                               concurrency))
+                                               concurrency, args.client))
         after = cpu_seconds(proc)
     finally:
         server.send_signal(signal.SIGINT)
@@ -257,6 +289,8 @@ def main() -> None:
                    help="any of: process (server, engine process), thread (server, "
                    "--no-engine-process), engine (AsyncEngine closed loop), loop (offline "
                    "engine, same closed loop), offline (LLM.generate, all at once)")
+    p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                   help="the load generator's HTTP client")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args()
     if args.model is None:
