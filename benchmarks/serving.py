@@ -15,7 +15,14 @@ whether greedy texts match offline, and the CPU seconds of the server's front en
 core and the load generator during each server row.
 
     .venv/bin/python benchmarks/serving.py [--model DIR] [--dtype bfloat16]
-        [--concurrency 32,64] [--num-threads N] [--out FILE.json]
+        [--concurrency 32,64] [--num-threads N] [--repeat N] [--client aiohttp|httpx]
+        [--out FILE.json]
+
+``--repeat N`` runs every system N times in turn (drift on a shared machine then hits each
+alike) and shows each system's run of median wall time. The load generator's HTTP client is
+aiohttp (as vLLM's serving benchmark uses); ``--client httpx`` takes the OpenAI client's
+transport, which spends about twice the CPU per streamed token (on two cores, taken from the
+server under test).
 
 Without ``--model`` it uses the ~100M Qwen3-shaped random model of ``throughput.py``.
 """
@@ -289,6 +296,9 @@ def main() -> None:
                    help="any of: process (server, engine process), thread (server, "
                    "--no-engine-process), engine (AsyncEngine closed loop), loop (offline "
                    "engine, same closed loop), offline (LLM.generate, all at once)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every system this many times, in turn; rows show the run of "
+                   "median wall time")
     p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
                    help="the load generator's HTTP client")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
@@ -304,21 +314,38 @@ def main() -> None:
         print(f"\n== concurrency {concurrency}: {2 * concurrency} requests, {total} output "
               f"tokens, model {args.model.name} ({args.dtype}), {args.num_threads} torch "
               f"threads, {psutil.cpu_count()} cores")
-        runs: dict[str, dict] = {}
-        for name, engine_process in (("process", True), ("thread", False)):
-            if name in systems:
-                runs[name] = run_server(args, work, concurrency, engine_process)
-        for name, closed_loop in (("engine", run_async_engine), ("loop", run_offline_closed_loop)):
-            if name in systems:
+        repeats: dict[str, list[dict]] = {}
+        for rep in range(args.repeat):  # the systems in turn, so that drift hits them alike
+            for name, engine_process in (("process", True), ("thread", False)):
+                if name in systems:
+                    repeats.setdefault(name, []).append(
+                        run_server(args, work, concurrency, engine_process))
+            for name, closed_loop in (("engine", run_async_engine),
+                                      ("loop", run_offline_closed_loop)):
+                if name in systems:
+                    with LoadMonitor() as load:
+                        wall, ttfts = closed_loop(args, work.prompts, work.output_lens,
+                                                  concurrency)
+                    repeats.setdefault(name, []).append(
+                        {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
+                         "other_load": load.other_share, "note": load.note()})
+            if "offline" in systems:
                 with LoadMonitor() as load:
-                    wall, ttfts = closed_loop(args, work.prompts, work.output_lens, concurrency)
-                runs[name] = {"wall_s": wall, "ttft_s": ttfts, "itl_s": [],
-                              "other_load": load.other_share, "note": load.note()}
-        if "offline" in systems:
-            with LoadMonitor() as load:
-                wall, texts = run_offline(args, work.prompts, work.output_lens, concurrency)
-            runs["offline"] = {"wall_s": wall, "ttft_s": [], "itl_s": [], "texts": texts,
-                               "other_load": load.other_share, "note": load.note()}
+                    wall, texts = run_offline(args, work.prompts, work.output_lens, concurrency)
+                repeats.setdefault("offline", []).append(
+                    {"wall_s": wall, "ttft_s": [], "itl_s": [], "texts": texts,
+                     "other_load": load.other_share, "note": load.note()})
+        # each system's run of median wall time (its latencies and CPU seconds with it); every
+        # run's tok/s is kept in the JSON
+        runs: dict[str, dict] = {}
+        for name, samples in repeats.items():
+            ordered = sorted(samples, key=lambda r: r["wall_s"])
+            runs[name] = {**ordered[(len(ordered) - 1) // 2],
+                          "tok_s_runs": [total / r["wall_s"] for r in samples],
+                          "other_load": max(r["other_load"] for r in samples)}
+            if args.repeat > 1:
+                print(f"{name}: tok/s of each run "
+                      + ", ".join(f"{total / r['wall_s']:.1f}" for r in samples))
         offline = runs.get("offline")
         labels = {"process": "server, engine process", "thread": "server, engine thread",
                   "engine": "AsyncEngine loop, no HTTP", "loop": "offline, same closed loop",
