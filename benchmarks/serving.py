@@ -120,26 +120,27 @@ async def one_request(client, prompt: list[int], max_tokens: int) -> RequestStat
 
 
 @contextlib.asynccontextmanager
-async def http_client(kind: str, url: str, concurrency: int):
+async def http_client(kind: str, url: str, concurrency: int, headers: dict | None = None):
     """The load generator's HTTP client: aiohttp (as vLLM's serving benchmark uses; about a
     third of httpx's CPU per streamed token, which on two cores is taken from the server) or
     httpx (the OpenAI client's transport)."""
     if kind == "httpx":
         limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                     headers=headers) as client:
             yield client
         return
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url=url, connector=connector,
+    async with aiohttp.ClientSession(base_url=url, connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=600)) as client:
         yield client
 
 
 async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
-                   concurrency: int, client_kind: str = "aiohttp"
-                   ) -> tuple[float, list[RequestStats]]:
+                   concurrency: int, client_kind: str = "aiohttp",
+                   headers: dict | None = None) -> tuple[float, list[RequestStats]]:
     """Send every request with at most ``concurrency`` in flight; returns (wall, stats)."""
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(prompts)):
@@ -151,7 +152,7 @@ async def run_load(url: str, prompts: list[list[int]], output_lens: list[int],
             i = queue.get_nowait()
             results[i] = await one_request(client, prompts[i], output_lens[i])
 
-    async with http_client(client_kind, url, concurrency) as client:
+    async with http_client(client_kind, url, concurrency, headers) as client:
         await one_request(client, prompts[0][:16], 4)  # warm-up
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))

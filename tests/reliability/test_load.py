@@ -196,3 +196,21 @@ def test_more_samples_than_the_engine_runs_at_once_is_a_400(server):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "result", "n": 4, "max_tokens": 2},
                    headers=API, timeout=30)
     assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+
+
+def test_serving_benchmark_load_generator_gets_the_same_streams_with_both_clients(server):
+    """benchmarks/serving.py's load generator (aiohttp by default, httpx as before) against a
+    live server: every greedy stream is read to its end with the requested token count, and
+    both clients read the same texts."""
+    from benchmarks.serving import run_load
+
+    proc, url = server
+    prompts = [[5 + i, 6, 7, 8, 9] for i in range(5)]
+    lens = [3, 7, 2, 5, 4]
+    results = {kind: asyncio.run(run_load(url, prompts, lens, 2, kind, headers=API))[1]
+               for kind in ("aiohttp", "httpx")}
+    for kind, stats in results.items():
+        assert [s.num_tokens for s in stats] == lens, kind
+        assert all(s.num_chunks >= 1 and s.ttft_s > 0 and s.text for s in stats), kind
+    assert [s.text for s in results["aiohttp"]] == [s.text for s in results["httpx"]]
+    assert_idle(wait_idle(url))
