@@ -121,8 +121,8 @@ async def one_request(client, prompt: list[int], max_tokens: int) -> RequestStat
 
 @contextlib.asynccontextmanager
 async def http_client(kind: str, url: str, concurrency: int, headers: dict | None = None):
-    """The load generator's HTTP client: aiohttp (as vLLM's serving benchmark uses; about a
-    third of httpx's CPU per streamed token, which on two cores is taken from the server) or
+    """The load generator's HTTP client: aiohttp (as vLLM's serving benchmark uses; about
+    half of httpx's CPU per streamed token, which on two cores is taken from the server) or
     httpx (the OpenAI client's transport)."""
     if kind == "httpx":
         limits = httpx.Limits(max_connections=concurrency)
